@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` and `make test`. Each bootstraps .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch comes from the machine's local wheels; pin it so pip never reaches for a newer CUDA build.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test demo data lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH)
+	touch $(STAMP)
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m unclip.demo
+
+data: $(STAMP)
+	$(PY) -m unclip.data.shapes
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check unclip tests bench train.py sample.py
+	$(VENV)/bin/ruff format --check unclip tests bench train.py sample.py
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix unclip tests bench train.py sample.py
+	$(VENV)/bin/ruff format unclip tests bench train.py sample.py
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]" $(TORCH)
+	$(PY) bench/prior_bench.py
+	$(PY) bench/unet_bench.py
+
+clean:
+	rm -rf $(VENV) runs outputs multirun

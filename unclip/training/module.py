@@ -1,0 +1,130 @@
+"""The base LightningModule every unclip stage extends.
+
+It owns what all stages share: the optimiser and LR schedule built from the `optim` config, the EMA
+of `self.net`, logging of skipped data samples, and a tag in every checkpoint naming the stage's class,
+so `load_module(path)` can rebuild any stage without being told which one it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from unclip.training.ema import EMA
+
+CHECKPOINT_CLASS_KEY = "unclip_module"
+
+DEFAULT_OPTIM: dict[str, Any] = {
+    "lr": 1e-4,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "schedule": "constant",  # or "cosine" (to min_lr_ratio * lr at trainer.max_steps)
+    "min_lr_ratio": 0.0,
+}
+
+
+class UnclipModule(L.LightningModule):
+    """Subclasses build `self.net` (the trained nn.Module) and call `self.init_ema()` after it."""
+
+    data_fields: list[str] = []
+    net: nn.Module
+
+    def __init__(self, optim: dict | None = None, ema: dict | None = None) -> None:
+        super().__init__()
+        unknown = set(optim or {}) - set(DEFAULT_OPTIM)
+        if unknown:
+            raise ValueError(f"unknown model.optim keys {sorted(unknown)}; known: {sorted(DEFAULT_OPTIM)}")
+        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
+        self.ema_cfg = ema
+        self.ema: EMA | None = None
+        self._skipped_total = 0
+
+    # ---- EMA -----------------------------------------------------------------------------------
+    def init_ema(self) -> None:
+        if self.ema_cfg and self.ema_cfg.get("decay", 0) > 0:
+            self.ema = EMA(self.net, **self.ema_cfg)
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The network used for validation and sampling: the EMA weights when there are any."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net, self.global_step)
+        if isinstance(batch, dict) and "skipped" in batch:
+            self._skipped_total += int(batch["skipped"].sum())
+            self.log("data/skipped_total", float(self._skipped_total), on_step=True, reduce_fx="sum")
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def parameters_to_optimize(self) -> list[dict]:
+        """AdamW groups: no weight decay on biases, norms and embeddings (1-D tensors)."""
+        decay, no_decay = [], []
+        for param in self.net.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict:
+        cfg = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            self.parameters_to_optimize(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"]
+        )
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        schedule = lr_lambda(cfg["schedule"], cfg["warmup_steps"], total, cfg["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+class _LRSchedule:
+    """A picklable LR multiplier: linear warm-up, then constant or cosine decay."""
+
+    def __init__(self, schedule: str, warmup: int, total: int | None, min_ratio: float) -> None:
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"model.optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+        if schedule == "cosine" and not total:
+            raise ValueError("model.optim.schedule=cosine needs trainer.max_steps > 0")
+        self.schedule, self.warmup, self.total, self.min_ratio = schedule, warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_lambda(schedule: str, warmup: int, total: int | None, min_ratio: float) -> _LRSchedule:
+    return _LRSchedule(schedule, warmup, total, min_ratio)
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> UnclipModule:
+    """Rebuild whichever stage a checkpoint holds, with its EMA weights, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    class_path = checkpoint.get(CHECKPOINT_CLASS_KEY)
+    if class_path is None:
+        raise ValueError(f"{path} is not an unclip checkpoint (no '{CHECKPOINT_CLASS_KEY}' entry)")
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    module.checkpoint_path = str(path)
+    return module.eval()
