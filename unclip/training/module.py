@@ -35,13 +35,16 @@ class UnclipModule(L.LightningModule):
     """Subclasses build `self.net` (the trained nn.Module) and call `self.init_ema()` after it."""
 
     data_fields: list[str] = []
+    embed_dim: int | None = None  # the CLIP embedding size the stage consumes
     net: nn.Module
 
     def __init__(self, optim: dict | None = None, ema: dict | None = None) -> None:
         super().__init__()
         unknown = set(optim or {}) - set(DEFAULT_OPTIM)
         if unknown:
-            raise ValueError(f"unknown model.optim keys {sorted(unknown)}; known: {sorted(DEFAULT_OPTIM)}")
+            raise ValueError(
+                f"unknown model.optim keys {sorted(unknown)}; known: {sorted(DEFAULT_OPTIM)}"
+            )
         self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
         self.ema_cfg = ema
         self.ema: EMA | None = None
@@ -62,7 +65,9 @@ class UnclipModule(L.LightningModule):
             self.ema.update(self.net, self.global_step)
         if isinstance(batch, dict) and "skipped" in batch:
             self._skipped_total += int(batch["skipped"].sum())
-            self.log("data/skipped_total", float(self._skipped_total), on_step=True, reduce_fx="sum")
+            self.log(
+                "data/skipped_total", float(self._skipped_total), on_step=True, reduce_fx="sum"
+            )
 
     # ---- optimisation --------------------------------------------------------------------------
     def parameters_to_optimize(self) -> list[dict]:
@@ -84,7 +89,10 @@ class UnclipModule(L.LightningModule):
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
         schedule = lr_lambda(cfg["schedule"], cfg["warmup_steps"], total, cfg["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -96,7 +104,9 @@ class _LRSchedule:
 
     def __init__(self, schedule: str, warmup: int, total: int | None, min_ratio: float) -> None:
         if schedule not in ("constant", "cosine"):
-            raise ValueError(f"model.optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+            raise ValueError(
+                f"model.optim.schedule must be 'constant' or 'cosine', got {schedule!r}"
+            )
         if schedule == "cosine" and not total:
             raise ValueError("model.optim.schedule=cosine needs trainer.max_steps > 0")
         self.schedule, self.warmup, self.total, self.min_ratio = schedule, warmup, total, min_ratio

@@ -1,0 +1,100 @@
+"""Every config group option composes with every option of every other group, resolves, and names
+its mistakes."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from unclip.training.config_check import ConfigError, check_config
+from unclip.training.run import CHECKED_GROUPS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "data", "trainer", "strategy", "logger", "callbacks", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def pairs() -> list[tuple[str, str, str, str]]:
+    found = []
+    for first, second in itertools.combinations(GROUPS, 2):
+        for a, b in itertools.product(options(first), options(second)):
+            found.append((first, a, second, b))
+    return found
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert options(group), f"conf/{group} has no options"
+
+
+def test_every_pair_of_group_options_composes_and_resolves() -> None:
+    failures = []
+    checked_models = set()
+    for first, a, second, b in pairs():
+        try:
+            cfg = compose_train([f"{first}={a}", f"{second}={b}"])
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            key = (cfg.model._target_, OmegaConf.to_yaml(cfg.model))
+            if key not in checked_models:
+                check_config(cfg, CHECKED_GROUPS)
+                checked_models.add(key)
+        except Exception as error:  # noqa: BLE001 - collect every failing pair
+            failures.append(f"{first}={a} {second}={b}: {error}")
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_unknown_key_is_named() -> None:
+    cfg = compose_train(["+model.not_a_key=3"])
+    with pytest.raises(ConfigError, match=r"model\.not_a_key"):
+        check_config(cfg, CHECKED_GROUPS)
+
+
+def test_wrong_type_is_named() -> None:
+    cfg = compose_train(["trainer.max_steps=lots"])
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps: expected int"):
+        check_config(cfg, CHECKED_GROUPS)
+
+
+def test_missing_required_value_is_named() -> None:
+    cfg = compose_train(["model.model_name=???"])
+    with pytest.raises(ConfigError, match=r"model\.model_name"):
+        check_config(cfg, CHECKED_GROUPS)
+
+
+def test_override_of_nonexistent_key_fails_at_compose() -> None:
+    with pytest.raises(Exception, match="max_stepz"):
+        compose_train(["trainer.max_stepz=3"])
+
+
+def test_fsdp_strategy_instantiates_its_wrap_policy() -> None:
+    from hydra.utils import instantiate
+
+    from unclip.nn.transformer import TransformerBlock
+
+    cfg = compose_train(["strategy=fsdp", "strategy.activation_checkpointing=true"])
+    assert cfg.trainer.precision == "bf16-mixed"
+    strategy = instantiate(cfg.strategy, _convert_="all")
+    wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+    assert TransformerBlock in wrapped
+    assert TransformerBlock in checkpointed
+
+
+def test_fsdp_names_a_bad_class() -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_train(["strategy=fsdp", "strategy.wrap_classes=[unclip.nn.nope.Block]"])
+    with pytest.raises(ValueError, match=r"unclip\.nn\.nope\.Block"):
+        instantiate(cfg.strategy, _convert_="all")

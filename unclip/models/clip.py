@@ -1,0 +1,108 @@
+"""The CLIP stage: contrastive training of any open_clip architecture.
+
+The rest of the stack embeds images and captions with the CLIP trained here and freezes it.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from unclip.clip import clip_pixels, register_arch
+from unclip.evaluation.zero_shot import (
+    attribute_accuracy,
+    predict_attributes,
+    single_object_truth,
+)
+from unclip.training.module import UnclipModule
+
+
+class ClipModule(UnclipModule):
+    data_fields = ["image", "txt", "json"]
+
+    def __init__(
+        self,
+        model_name: str = "unclip-tiny",
+        pretrained: str | None = None,
+        arch: dict | None = None,
+        name: str = "clip",
+        max_logit_scale: float = 100.0,
+        zero_shot: dict | None = None,
+        optim: dict | None = None,
+        ema: dict | None = None,
+    ) -> None:
+        super().__init__(optim, ema)
+        if arch is not None:
+            register_arch(model_name, arch)
+        elif model_name in open_clip.list_models():
+            arch = open_clip.get_model_config(model_name)
+        self.save_hyperparameters()
+        # keep the architecture in the checkpoint so it loads where the config file is absent
+        self.hparams["arch"] = arch
+        self.net = open_clip.create_model(model_name, pretrained=pretrained)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.output_dim = int(self.net.text_projection.shape[-1])
+        self.max_logit_scale = max_logit_scale
+        self.zero_shot = zero_shot
+        self.init_ema()
+
+    @property
+    def clip(self) -> torch.nn.Module:
+        return self.eval_net
+
+    def setup(self, stage: str) -> None:
+        # rank and world size are known only once the trainer has launched its processes
+        self.loss_fn = open_clip.ClipLoss(
+            local_loss=True,
+            gather_with_grad=True,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size if self._trainer else 1,
+        )
+
+    def _features(self, net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(batch["txt"]).to(self.device)
+        image = F.normalize(net.encode_image(clip_pixels(batch["image"], net)), dim=-1)
+        text = F.normalize(net.encode_text(tokens), dim=-1)
+        return image, text
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image, text = self._features(self.net, batch)
+        loss = self.loss_fn(image, text, self.net.logit_scale.exp())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", self.net.logit_scale.exp())
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # CLIP's temperature is clamped so the logits cannot blow up (as in open_clip's trainer)
+        with torch.no_grad():
+            self.net.logit_scale.clamp_(0, torch.log(torch.tensor(self.max_logit_scale)).item())
+        super().on_train_batch_end(outputs, batch, batch_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        net = self.eval_net
+        image, text = self._features(net, batch)
+        size = image.shape[0]
+        logits = net.logit_scale.exp() * image @ text.T
+        labels = torch.arange(size, device=self.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        self.log("val/loss", loss, batch_size=size, sync_dist=True, prog_bar=True)
+        retrieval = (logits.argmax(dim=-1) == labels).float().mean()
+        self.log("val/retrieval_acc", retrieval, batch_size=size, sync_dist=True)
+        if self.zero_shot and "json" in batch:
+            self._log_zero_shot(net, image, batch["json"])
+
+    def _log_zero_shot(self, net: torch.nn.Module, image: torch.Tensor, metadata: list) -> None:
+        attributes = self.zero_shot["attributes"]
+        truth = single_object_truth(metadata, list(attributes))
+        predicted = predict_attributes(
+            image, net, self.tokenizer, self.zero_shot["template"], attributes
+        )
+        for name, (correct, counted) in attribute_accuracy(predicted, truth).items():
+            if counted:
+                self.log(
+                    f"val/zero_shot_{name}_acc",
+                    correct / counted,
+                    batch_size=counted,
+                    sync_dist=True,
+                )

@@ -1,0 +1,115 @@
+"""From a composed Hydra config to a trained checkpoint: the body of `train.py`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from unclip.training.config_check import check_config
+
+log = logging.getLogger(__name__)
+
+CHECKED_GROUPS = ("model", "data", "trainer", "strategy", "logger", "callbacks")
+
+
+def use_job_dir_in_sweeps(cfg: DictConfig) -> None:
+    """In a multirun every job gets its own run directory (the sweep's job folder)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        with open_dict(cfg):
+            cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last` means this run's own last checkpoint; a fresh run with `last` starts from scratch,
+    so one command both starts and resumes a preemptible job."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("resuming from %s", last)
+            return str(last)
+        log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
+    return ckpt_path
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
+    if not cfg:
+        return []
+    return [
+        instantiate(node, _convert_="all") for node in cfg.values() if node and "_target_" in node
+    ]
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list:
+    if not cfg:
+        return []
+    return [
+        instantiate(node, _convert_="all") for node in cfg.values() if node and "_target_" in node
+    ]
+
+
+def instantiate_strategy(cfg: DictConfig) -> Any:
+    if "_target_" in cfg:
+        return instantiate(cfg, _convert_="all")
+    return cfg.get("name", "auto")
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """Instantiate model, data and trainer; checks that need all three happen here."""
+    check_config(cfg, CHECKED_GROUPS)
+    model = instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.data, fields=list(model.data_fields), _convert_="all")
+    expected_dim = getattr(model, "embed_dim", None)
+    if expected_dim and hasattr(datamodule, "check_embed_dim"):
+        datamodule.check_embed_dim(expected_dim, "model.embed_dim")
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = instantiate(
+        cfg.trainer,
+        strategy=instantiate_strategy(cfg.strategy),
+        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        logger=loggers or False,
+        default_root_dir=cfg.paths.run_dir,
+        _convert_="all",
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return model, datamodule, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train one stage; returns (and writes to `run_dir/metrics.json`) the final metrics."""
+    use_job_dir_in_sweeps(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    model, datamodule, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        write_metrics(run_dir, cfg, metrics, trainer.global_step)
+    return metrics
+
+
+def write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    record = {
+        "run_name": cfg.run_name,
+        "model": cfg.model.get("name"),
+        "data": cfg.data.get("name"),
+        "overrides": overrides,
+        "step": step,
+        "metrics": metrics,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
