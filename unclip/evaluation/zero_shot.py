@@ -20,7 +20,9 @@ def attribute_prompts(
 ) -> tuple[list[str], list[dict]]:
     """All prompts of `template` over the product of attribute values, with the values of each."""
     names = list(attributes)
-    combos = [dict(zip(names, values)) for values in itertools.product(*attributes.values())]
+    combos = [
+        dict(zip(names, values, strict=True)) for values in itertools.product(*attributes.values())
+    ]
     return [template.format(**combo) for combo in combos], combos
 
 
