@@ -1,0 +1,33 @@
+"""Shards in, batches out: the shard format, safe decoding, rank/worker splitting, the datamodule,
+the writer, the shapes dataset (`python -m unclip.data.shapes`) and the embed tool
+(`python -m unclip.data.embed`).
+
+Names are imported lazily so that `python -m unclip.data.shapes` does not pay for Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ShardDataModule": "unclip.data.datamodule",
+    "ShardSetWriter": "unclip.data.writer",
+    "AtomicShardWriter": "unclip.data.writer",
+    "encode_sample": "unclip.data.writer",
+    "RankSplitter": "unclip.data.splitting",
+    "SampleDecoder": "unclip.data.decoding",
+    "SkipTracker": "unclip.data.decoding",
+    "BadSample": "unclip.data.decoding",
+    "DataError": "unclip.data.decoding",
+    "expand_shards": "unclip.data.shards",
+    "read_meta": "unclip.data.format",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'unclip.data' has no attribute {name!r}")
