@@ -23,7 +23,16 @@ def attribute_prompts(
     combos = [
         dict(zip(names, values, strict=True)) for values in itertools.product(*attributes.values())
     ]
-    return [template.format(**combo) for combo in combos], combos
+    return [fix_article(template.format(**combo)) for combo in combos], combos
+
+
+def fix_article(prompt: str) -> str:
+    """ "a orange circle" -> "an orange circle": prompts should read like the captions."""
+    words = prompt.split(" ")
+    for i, word in enumerate(words[:-1]):
+        if word.lower() == "a" and words[i + 1][:1].lower() in "aeiou":
+            words[i] = word + "n"
+    return " ".join(words)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from torch import nn
 from unclip.training.ema import EMA
 
 CHECKPOINT_CLASS_KEY = "unclip_module"
+SKIPPED_KEY = "unclip_skipped_samples"
 
 DEFAULT_OPTIM: dict[str, Any] = {
     "lr": 1e-4,
@@ -97,6 +98,11 @@ class UnclipModule(L.LightningModule):
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[SKIPPED_KEY] = self._skipped_total
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resumed run keeps counting skipped samples from where it stopped
+        self._skipped_total = int(checkpoint.get(SKIPPED_KEY, 0))
 
 
 class _LRSchedule:
