@@ -1,0 +1,129 @@
+"""The ADM/GLIDE UNet: shapes, conditioning paths, context masking, and that it can learn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unclip.nn.unet import AttentionBlock, ResBlock, UNet, timestep_embedding
+
+TINY = dict(
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    num_head_channels=8,
+    image_size=8,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomise_zero_layers(net: torch.nn.Module) -> None:
+    """Fresh output convolutions are zero (the network predicts 0): perturb every parameter so
+    the conditioning paths are visible in the output."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def test_output_shape_and_zero_initial_prediction() -> None:
+    torch.manual_seed(0)
+    net = UNet(in_channels=3, out_channels=6, **TINY)
+    y = net(torch.randn(2, 3, 8, 8), torch.tensor([0, 999]))
+    assert y.shape == (2, 6, 8, 8)
+    assert torch.count_nonzero(y) == 0  # zero-initialised output layer
+    assert net.time_embed_dim == 4 * TINY["model_channels"]
+
+
+def test_fully_convolutional_net_takes_other_sizes_but_refuses_indivisible_ones() -> None:
+    net = UNet(**{**TINY, "attention_resolutions": (), "channel_mult": (1, 2, 2)})
+    for side in (8, 12, 20):
+        assert net(torch.randn(1, 3, side, side), torch.tensor([5])).shape == (1, 3, side, side)
+    assert not any(isinstance(m, AttentionBlock) for m in net.modules())
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.randn(1, 3, 10, 10), torch.tensor([5]))
+
+
+def test_attention_is_placed_at_the_configured_resolutions_and_middle() -> None:
+    net = UNet(**{**TINY, "channel_mult": (1, 2, 2), "attention_resolutions": (4,)})
+    # 8px: no attention; 4px: after each res block down (1) and up (2); 2px: middle block only
+    assert sum(isinstance(m, AttentionBlock) for m in net.modules()) == 1 + 2 + 1
+    with pytest.raises(ValueError, match=r"attention_resolutions \[3\]"):
+        UNet(**{**TINY, "attention_resolutions": (3,)})
+    with pytest.raises(ValueError, match="num_head_channels"):
+        UNet(**{**TINY, "num_head_channels": 5})
+
+
+def test_cond_and_context_change_the_output_and_masked_tokens_do_not() -> None:
+    torch.manual_seed(0)
+    net = UNet(**TINY, cond_dim=5, context_dim=7).eval()
+    _randomise_zero_layers(net)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    cond, context = torch.randn(2, 5), torch.randn(2, 3, 7)
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    base = net(x, t, cond, context, mask)
+    assert not torch.allclose(base, net(x, t, torch.randn(2, 5), context, mask))
+    changed_real = context.clone()
+    changed_real[:, 0] += 1
+    assert not torch.allclose(base, net(x, t, cond, changed_real, mask))
+    changed_padding = context.clone()
+    changed_padding[:, 2] += 100
+    torch.testing.assert_close(base, net(x, t, cond, changed_padding, mask))
+    # without a mask every token counts
+    assert not torch.allclose(net(x, t, cond, context), net(x, t, cond, changed_padding))
+    with pytest.raises(ValueError, match="needs cond"):
+        net(x, t)
+
+
+def test_unconditioned_net_refuses_cond_and_context() -> None:
+    net = UNet(**TINY)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([1])
+    with pytest.raises(ValueError, match="cond_dim=None"):
+        net(x, t, cond=torch.randn(1, 4))
+    with pytest.raises(ValueError, match="context_dim=None"):
+        net(x, t, context=torch.randn(1, 2, 4))
+
+
+def test_resblock_resamples_and_timestep_embedding_is_sinusoidal() -> None:
+    block = ResBlock(8, 16, out_channels=12, down=True)
+    assert block(torch.randn(2, 8, 8, 8), torch.randn(2, 16)).shape == (2, 12, 4, 4)
+    block = ResBlock(8, 16, up=True, use_scale_shift_norm=False)
+    assert block(torch.randn(2, 8, 4, 4), torch.randn(2, 16)).shape == (2, 8, 8, 8)
+    emb = timestep_embedding(torch.tensor([0, 3]), 6)
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1, 1, 0, 0, 0]))
+    assert emb.shape == (2, 6)
+
+
+def test_tiny_unet_learns_to_denoise_conditioned_on_cond() -> None:
+    """Predict the clean image (one of two colours, chosen by `cond`) from a noisy one: the loss
+    must fall well below that of predicting the mean colour."""
+    torch.manual_seed(0)
+    net = UNet(**TINY, cond_dim=2, context_dim=4)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    colours = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0]])
+    losses = []
+    for _ in range(60):
+        label = torch.randint(0, 2, (16,))
+        x0 = colours[label][:, :, None, None].expand(-1, -1, 8, 8)
+        x_t = x0 + 2.0 * torch.randn_like(x0)
+        cond = F.one_hot(label, 2).float()
+        context = torch.randn(16, 2, 4)
+        loss = F.mse_loss(net(x_t, torch.full((16,), 500), cond, context), x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # predicting the mean of the two colours scores 2/3; the label makes it learnable
+    assert sum(losses[-10:]) / 10 < 0.1

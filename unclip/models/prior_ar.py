@@ -1,0 +1,230 @@
+"""The autoregressive prior stage: captions and z_t in, CLIP image embeddings z_i out.
+
+z_i is turned into a sequence of codes by `EmbeddingTokenizer` (PCA, then quantile buckets per
+component) and `ARPriorNet` predicts the codes with cross-entropy, conditioned on the caption, z_t
+and the quantised dot product z_i . z_t (paper, section 2.2). At sampling the dot product is drawn
+from the top half of its training distribution and the codes are decoded back to CLIP space.
+
+The tokenizer is fitted once, on the first `fit_samples` training samples, and lives in the
+checkpoint: a resumed run or a loaded checkpoint never refits it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from unclip.evaluation.prior_metrics import prior_metrics
+from unclip.models.prior_ar_tokenizer import EmbeddingTokenizer
+from unclip.nn.prior_ar import ARPriorNet
+from unclip.training.module import UnclipModule
+
+log = logging.getLogger(__name__)
+
+NET_KEYS = ("width", "layers", "heads", "mlp_ratio", "dropout")
+DEFAULT_SAMPLING: dict[str, Any] = {
+    "guidance_scale": 1.0,
+    "temperature": 1.0,
+    "top_k": None,  # None or 0: no top-k filtering
+    "top_p": None,  # None or 1.0: no nucleus filtering
+    "dot_quantiles": (0.5, 1.0),  # the training quantiles the dot-product token is drawn from
+    "best_of": 1,  # samples per caption; the one closest to z_t is kept
+}
+
+
+def check_keys(values: dict | None, known: tuple[str, ...] | dict, key: str) -> dict:
+    unknown = set(values or {}) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {key} keys {sorted(unknown)}; known: {sorted(known)}")
+    return dict(values or {})
+
+
+class ARPriorModule(UnclipModule):
+    """Every argument is a `model.*` config key (conf/model/prior_ar.yaml documents them)."""
+
+    data_fields = ["txt", "img_emb", "txt_emb"]
+
+    def __init__(
+        self,
+        name: str = "prior_ar",
+        embed_dim: int = 64,
+        num_components: int = 32,
+        num_buckets: int = 64,
+        dot_buckets: int = 16,
+        fit_samples: int = 10_000,
+        net: dict | None = None,
+        text_encoder: dict | None = None,
+        text_drop_prob: float = 0.1,
+        sampling: dict | None = None,
+        val_sample_batches: int | None = 1,
+        optim: dict | None = None,
+        ema: dict | None = None,
+    ) -> None:
+        super().__init__(optim, ema)
+        self.save_hyperparameters()
+        if not 0.0 <= text_drop_prob < 1.0:
+            raise ValueError(f"model.text_drop_prob must be in [0, 1), got {text_drop_prob}")
+        if fit_samples < 1:
+            raise ValueError(f"model.fit_samples must be at least 1, got {fit_samples}")
+        self.embed_dim = embed_dim
+        self.fit_samples = fit_samples
+        self.text_drop_prob = text_drop_prob
+        self.sampling = {
+            **DEFAULT_SAMPLING,
+            **check_keys(sampling, DEFAULT_SAMPLING, "model.sampling"),
+        }
+        self.val_sample_batches = val_sample_batches
+        self.tokenizer = EmbeddingTokenizer(embed_dim, num_components, num_buckets, dot_buckets)
+        self.net = ARPriorNet(
+            embed_dim,
+            num_components,
+            num_buckets,
+            dot_buckets,
+            text_encoder=text_encoder,
+            **check_keys(net, NET_KEYS, "model.net"),
+        )
+        self.tokenizer_report: dict[str, float] = {}
+        self.init_ema()
+
+    # ---- the tokenizer fit ---------------------------------------------------------------------
+    # Lightning calls setup() *before* it restores a checkpoint, so a resumed run cannot tell there
+    # that its tokenizer is about to be restored. These hooks run after the restore under every
+    # strategy (FSDP restores after on_fit_start) and before anything encodes: the sanity-check
+    # validation, or the first training batch.
+    def on_validation_start(self) -> None:
+        self.fit_tokenizer_once()
+
+    def on_train_start(self) -> None:
+        self.fit_tokenizer_once()
+
+    def fit_tokenizer_once(self) -> None:
+        """Fit the tokenizer on the datamodule's `stats_dataloader`, unless it is already fitted
+        (restored from a checkpoint, or fitted earlier in this run)."""
+        if bool(self.tokenizer.fitted):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "stats_dataloader"):
+            raise RuntimeError(
+                "the AR prior fits its tokenizer on the datamodule's stats_dataloader(): train it "
+                "with a ShardDataModule, or load a checkpoint that holds a fitted tokenizer"
+            )
+        img, txt = [], []
+        loader = datamodule.stats_dataloader(self.fit_samples)
+        progress = tqdm(
+            loader, desc="fitting the AR prior's tokenizer", disable=not self.trainer.is_global_zero
+        )
+        for batch in progress:
+            img.append(batch["img_emb"].float())
+            txt.append(batch["txt_emb"].float())
+        meta = getattr(datamodule, "meta", None) or {}
+        self.tokenizer_report = self.tokenizer.fit(
+            torch.cat(img), torch.cat(txt), normalized=meta.get("normalized")
+        )
+        log.info(
+            "AR prior tokenizer fitted on %d embeddings: %s",
+            sum(len(x) for x in img),
+            ", ".join(f"{k}={v:.4f}" for k, v in self.tokenizer_report.items()),
+        )
+        for logger in self.loggers:
+            logger.log_metrics(
+                {f"tokenizer/{k}": v for k, v in self.tokenizer_report.items()},
+                step=self.global_step,
+            )
+
+    # ---- training and validation ---------------------------------------------------------------
+    def _targets(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        img_emb, txt_emb = batch["img_emb"].float(), batch["txt_emb"].float()
+        tokens = self.net.caption_encoder.tokenize(batch["txt"]).to(self.device)
+        codes = self.tokenizer.encode(img_emb)
+        dot_codes = self.tokenizer.encode_dot(img_emb, txt_emb)
+        return tokens, img_emb, txt_emb, codes, dot_codes
+
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        tokens, _, txt_emb, codes, dot_codes = self._targets(batch)
+        drop = torch.rand(len(codes), device=self.device) < self.text_drop_prob
+        loss = self._cross_entropy(self.net(tokens, txt_emb, dot_codes, codes, drop), codes)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(codes))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        tokens, img_emb, txt_emb, codes, dot_codes = self._targets(batch)
+        size = len(codes)
+        loss = self._cross_entropy(self.eval_net(tokens, txt_emb, dot_codes, codes), codes)
+        self.log("val/loss", loss, batch_size=size, sync_dist=True, prog_bar=True)
+        round_trip = F.cosine_similarity(self.tokenizer.decode(codes), img_emb, dim=-1).mean()
+        self.log("val/round_trip_cosine", round_trip, batch_size=size, sync_dist=True)
+        if self.val_sample_batches is not None and batch_idx >= self.val_sample_batches:
+            return
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        sampled = self.sample(batch["txt"], txt_emb, generator=generator)
+        for key, value in prior_metrics(sampled, img_emb, txt_emb).items():
+            self.log(f"val/{key}", value, batch_size=size, sync_dist=True)
+
+    # ---- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        captions: list[str],
+        txt_emb: torch.Tensor,
+        generator: torch.Generator | None = None,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        best_of: int | None = None,
+        dot_quantiles: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """Image embeddings [B, D] in CLIP space (unit norm when the training ones were) for
+        captions and their CLIP text embeddings [B, D]. An argument left None takes its value
+        from `model.sampling`; pass top_k=0 / top_p=1.0 to switch filtering off explicitly."""
+        settings = {
+            "guidance_scale": guidance_scale,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "best_of": best_of,
+            "dot_quantiles": dot_quantiles,
+        }
+        s = {k: self.sampling[k] if v is None else v for k, v in settings.items()}
+        if txt_emb.ndim != 2 or txt_emb.shape != (len(captions), self.embed_dim):
+            raise ValueError(
+                f"sample needs txt_emb [{len(captions)}, {self.embed_dim}] for {len(captions)} "
+                f"captions, got {list(txt_emb.shape)}"
+            )
+        best_of = int(s["best_of"])
+        if best_of < 1:
+            raise ValueError(f"best_of must be at least 1, got {best_of}")
+        net = self.eval_net
+        tokens = net.caption_encoder.tokenize(list(captions)).to(self.device)
+        txt_emb = txt_emb.to(self.device).float()
+        tokens, txt_rows = (
+            tokens.repeat_interleave(best_of, 0),
+            txt_emb.repeat_interleave(best_of, 0),
+        )
+        first, last = self.tokenizer.dot_code_range(*s["dot_quantiles"])
+        dot_codes = torch.randint(
+            first, last + 1, (len(tokens),), generator=generator, device=self.device
+        )
+        codes = net.generate(
+            tokens,
+            txt_rows,
+            dot_codes,
+            guidance_scale=float(s["guidance_scale"]),
+            temperature=float(s["temperature"]),
+            top_k=s["top_k"],
+            top_p=s["top_p"],
+            generator=generator,
+        )
+        samples = self.tokenizer.decode(codes).view(len(captions), best_of, -1)
+        if best_of == 1:
+            return samples[:, 0]
+        best = (samples * txt_emb.unsqueeze(1)).sum(-1).argmax(dim=1)
+        return samples[torch.arange(len(captions), device=self.device), best]

@@ -1,0 +1,298 @@
+"""The upsampler stages: a diffusion model of a high-resolution image given a low-resolution one.
+
+As in the paper, the low-resolution image is resized to the target size and concatenated to the
+noisy input of a UNet without attention; no caption, no CLIP embedding. Training corrupts the
+conditioning image (Gaussian blur for 64->256, BSR degradation for 256->1024; see
+unclip.data.degradations) and trains on random crops a quarter of the target size; because the
+network is purely convolutional, sampling then runs at the full target size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from unclip.data.degradations import build_degradation
+from unclip.diffusion import SAMPLERS, GaussianDiffusion
+from unclip.nn.unet import UNet
+from unclip.training.module import UnclipModule
+
+# UNet arguments the module sets itself: inputs are noisy image + conditioning image, no attention
+# (the fully convolutional network must run at any size), no embedding or caption conditioning.
+UNET_OWNED_KEYS = ("in_channels", "out_channels", "image_size", "cond_dim", "context_dim")
+RESIZE_MODES = ("bicubic", "bilinear")
+DEFAULT_SAMPLING: dict[str, Any] = {"steps": 27, "sampler": "ddim", "eta": 0.0}
+
+
+def resize(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Square-resize [B, C, H, W] in [-1, 1]; anti-aliased when shrinking."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    shrinking = size < images.shape[-1]
+    out = F.interpolate(
+        images, size=(size, size), mode=mode, align_corners=False, antialias=shrinking
+    )
+    return out.clamp(-1, 1)
+
+
+def random_crops(
+    tensors: list[torch.Tensor], size: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """The same random `size` x `size` window of each image, cut from every tensor [B, C, H, W]."""
+    b, _, h, w = tensors[0].shape
+    if (h, w) == (size, size):
+        return tensors
+    device = generator.device if generator is not None else torch.device("cpu")
+    tops = torch.randint(0, h - size + 1, (b,), generator=generator, device=device).tolist()
+    lefts = torch.randint(0, w - size + 1, (b,), generator=generator, device=device).tolist()
+    return [
+        torch.stack(
+            [
+                x[i, :, top : top + size, left : left + size]
+                for i, (top, left) in enumerate(zip(tops, lefts, strict=True))
+            ]
+        )
+        for x in tensors
+    ]
+
+
+def conditioned(net: torch.nn.Module, cond: torch.Tensor) -> Callable:
+    """The diffusion model function: the noisy image and the conditioning image side by side."""
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return net(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t)
+
+    return model_fn
+
+
+class UpsamplerModule(UnclipModule):
+    """`low_res_size` -> `image_size`. Every argument is a `model.*` config key:
+
+    unet: UNet arguments (model_channels, channel_mult, num_res_blocks, dropout, ...), no attention.
+    diffusion: GaussianDiffusion arguments. degradation: `{kind: gaussian_blur | bsr, ...}` or null.
+    crop_fraction: the side of the training crops as a fraction of `image_size` (paper: 0.25).
+    resize_mode: the kernel that makes the low-resolution image (anti-aliased) and resizes it back
+    up as conditioning. sampling: default steps / sampler / eta of `upsample`. residual: diffuse
+    the difference from the resized low-resolution image instead of the image (not the paper's;
+    a fresh network then upsamples like plain resizing, which a tiny model improves on quickly).
+    val_samples: images upsampled on the first validation batch and scored against the truth and
+    against plain resizing (val/sample_mse, val/resize_mse); 0 to skip. val_seed: seeds the
+    validation crops, corruption and noise, and the sampling noise of validation and grids.
+    """
+
+    data_fields = ["image"]
+    embed_dim = None
+
+    def __init__(
+        self,
+        name: str = "upsampler",
+        image_size: int = 64,
+        low_res_size: int = 32,
+        crop_fraction: float = 0.25,
+        resize_mode: str = "bicubic",
+        unet: dict | None = None,
+        diffusion: dict | None = None,
+        degradation: dict | None = None,
+        sampling: dict | None = None,
+        residual: bool = False,
+        val_samples: int = 8,
+        val_seed: int = 0,
+        optim: dict | None = None,
+        ema: dict | None = None,
+    ) -> None:
+        super().__init__(optim, ema)
+        self.save_hyperparameters()
+        if not 0 < low_res_size < image_size:
+            raise ValueError(
+                f"model.low_res_size ({low_res_size}) must be positive and below "
+                f"model.image_size ({image_size})"
+            )
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"model.resize_mode={resize_mode!r}: choose one of {RESIZE_MODES}")
+        if not 0 < crop_fraction <= 1:
+            raise ValueError(f"model.crop_fraction must be in (0, 1], got {crop_fraction}")
+        self.name = name
+        self.image_size = int(image_size)
+        self.low_res_size = int(low_res_size)
+        self.crop_size = round(image_size * crop_fraction)
+        self.resize_mode = resize_mode
+        self.residual = bool(residual)
+        self.val_samples = int(val_samples)
+        self.val_seed = int(val_seed)
+        self.sampling = self._check_sampling({**DEFAULT_SAMPLING, **(sampling or {})})
+
+        self.diffusion = GaussianDiffusion(**(diffusion or {}))
+        self.net = UNet(**self._unet_args(unet or {}))
+        self.degradation = build_degradation(degradation)
+        self.init_ema()
+
+    # ---- construction ---------------------------------------------------------------------------
+    def _unet_args(self, unet: dict) -> dict:
+        owned = sorted(set(unet) & set(UNET_OWNED_KEYS))
+        if owned:
+            raise ValueError(f"model.unet.{owned[0]} is set by the upsampler itself; remove it")
+        if unet.get("attention_resolutions"):
+            raise ValueError(
+                "model.unet.attention_resolutions must be empty: the upsampler is fully "
+                "convolutional so that it trains on crops and samples at full size"
+            )
+        levels = len(unet.get("channel_mult", (1, 2, 4)))
+        factor = 2 ** (levels - 1)
+        for key, size in (("crop_fraction", self.crop_size), ("image_size", self.image_size)):
+            if size % factor:
+                raise ValueError(
+                    f"model.{key} gives {size}px inputs, not divisible by 2**{levels - 1} "
+                    f"(model.unet.channel_mult has {levels} levels)"
+                )
+        out_channels = 6 if self.diffusion.learned_variance else 3
+        return {
+            **unet,
+            "attention_resolutions": [],
+            "in_channels": 6,  # noisy image + resized low-resolution image
+            "out_channels": out_channels,
+            "image_size": self.crop_size,
+        }
+
+    @staticmethod
+    def _check_sampling(sampling: dict) -> dict:
+        unknown = sorted(set(sampling) - set(DEFAULT_SAMPLING))
+        if unknown:
+            raise ValueError(
+                f"model.sampling: unknown keys {unknown}; known: {sorted(DEFAULT_SAMPLING)}"
+            )
+        if sampling["sampler"] not in SAMPLERS:
+            raise ValueError(
+                f"model.sampling.sampler={sampling['sampler']!r}: choose one of {SAMPLERS}"
+            )
+        return sampling
+
+    @property
+    def scale_factor(self) -> float:
+        return self.image_size / self.low_res_size
+
+    # ---- the conditioning image -----------------------------------------------------------------
+    def downsample(self, images: torch.Tensor) -> torch.Tensor:
+        """High-resolution images [B, 3, image_size, image_size] -> the low-resolution input."""
+        return resize(images, self.low_res_size, self.resize_mode)
+
+    def lift(self, low_res: torch.Tensor) -> torch.Tensor:
+        """The low-resolution image resized to the target size: the network's conditioning."""
+        return resize(low_res, self.image_size, self.resize_mode)
+
+    def training_pair(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target crops, conditioning crops) from full-size images: the low-resolution image is
+        made and degraded at full size (as the previous stage would see it), then both are cut
+        at the same random window."""
+        low_res = self.downsample(images)
+        if self.degradation is not None:
+            low_res = self.degradation(low_res, generator)
+        target, cond = random_crops([images, self.lift(low_res)], self.crop_size, generator)
+        return target, cond
+
+    def diffused(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """What the diffusion models: the image, or with `residual` its difference from the
+        resized low-resolution image (zero for a fresh network, so training starts at plain
+        resizing and only has to learn the detail)."""
+        return target - cond if self.residual else target
+
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"batch images are {tuple(images.shape[-2:])} but model.image_size="
+                f"{self.image_size}: set data.image_size={self.image_size}"
+            )
+        return images
+
+    # ---- training -------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        target, cond = self.training_pair(self._check_images(batch["image"]))
+        out = self.diffusion.training_losses(
+            conditioned(self.net, cond), self.diffused(target, cond)
+        )
+        loss = out["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", out["mse"].mean())
+        if "vb" in out:
+            self.log("train/vb", out["vb"].mean())
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """The training loss with crops, corruption, timesteps and noise drawn from a generator
+        seeded per batch, so validations are comparable; plus, on the first batch, a full-size
+        upsampling scored against the truth and against plain resizing."""
+        images = self._check_images(batch["image"])
+        size = images.shape[0]
+        generator = torch.Generator().manual_seed(self.val_seed + batch_idx)
+        target, cond = self.training_pair(images, generator)
+        t = self.diffusion.sample_timesteps(size, self.device, generator)
+        noise = torch.randn(target.shape, generator=generator).to(target)
+        x0 = self.diffused(target, cond)
+        out = self.diffusion.training_losses(conditioned(self.eval_net, cond), x0, t, noise)
+        self.log("val/loss", out["loss"].mean(), batch_size=size, sync_dist=True, prog_bar=True)
+        if batch_idx == 0 and self.val_samples > 0:
+            truth = images[: self.val_samples]
+            low_res = self.downsample(truth)
+            samples = self.upsample(low_res, generator=self._sampling_generator())
+            count = truth.shape[0]
+            sample_mse = F.mse_loss(samples, truth)
+            resize_mse = F.mse_loss(self.lift(low_res), truth)
+            self.log("val/sample_mse", sample_mse, batch_size=count, sync_dist=True)
+            self.log("val/resize_mse", resize_mse, batch_size=count, sync_dist=True)
+
+    def _sampling_generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.val_seed)
+
+    # ---- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def upsample(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """[B, 3, low_res_size, low_res_size] in [-1, 1] -> [B, 3, image_size, image_size], the
+        whole image at once; steps / sampler / eta default to `model.sampling`."""
+        low = self.low_res_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, low, low):
+            raise ValueError(
+                f"upsample takes images [B, 3, {low}, {low}] (model.low_res_size={low}), "
+                f"got {list(images.shape)}"
+            )
+        cond = self.lift(images.to(self.device, torch.float32))
+        sample = self.diffusion.sample(
+            conditioned(self.eval_net, cond),
+            tuple(cond.shape),
+            steps=self.sampling["steps"] if steps is None else steps,
+            sampler=self.sampling["sampler"] if sampler is None else sampler,
+            eta=self.sampling["eta"] if eta is None else eta,
+            generator=generator,
+            clip_denoised=(-2.0, 2.0) if self.residual else (-1.0, 1.0),
+            progress=progress,
+            device=self.device,
+        )
+        return (cond + sample if self.residual else sample).clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample_grid_images(
+        self, batch: dict, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """For the SampleGrid callback: `n` validation images shrunk and upsampled again, the
+        originals beside them, and captions comparing each one's error with plain resizing."""
+        truth = self._check_images(batch["image"][:n]).to(self.device)
+        low_res = self.downsample(truth)
+        samples = self.upsample(low_res, generator=self._sampling_generator())
+        sample_mse = (samples - truth).pow(2).mean(dim=(1, 2, 3))
+        resize_mse = (self.lift(low_res) - truth).pow(2).mean(dim=(1, 2, 3))
+        captions = [
+            f"{self.low_res_size}->{self.image_size} mse {s:.4f} ({self.resize_mode} {r:.4f})"
+            for s, r in zip(sample_mse.tolist(), resize_mse.tolist(), strict=True)
+        ]
+        return samples, truth, captions

@@ -1,0 +1,136 @@
+"""Captions -> per-token states, a pooled summary and the mask of real tokens.
+
+Two sources, a config choice of every stage that reads captions:
+  - "own":  a small causal `TextTransformer` over open_clip BPE tokens, trained with the stage
+            (what the paper's priors and GLIDE-style decoder do);
+  - "clip": the frozen token states of a CLIP text tower (what Karlo's decoder does). The CLIP is
+            loaded from its spec at construction, never trained, and kept out of the stage's
+            state_dict (the checkpoint stores the spec, not the weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.nn.transformer import TextTransformer, causal_mask, padding_mask_from_tokens
+
+MODES = ("own", "clip")
+PAD_ID = 0  # open_clip pads with 0 after the EOT token
+
+
+class FrozenHandle:
+    """Holds a module outside its owner's parameters and state_dict. A deepcopy (the EMA copy of a
+    network) shares the module instead of duplicating a frozen CLIP."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> FrozenHandle:
+        return self
+
+
+class CaptionEncoder(nn.Module):
+    """`tokenize(captions)` then `forward(tokens) -> (states [B,L,out_dim], pooled [B,out_dim],
+    pad_mask [B,L] True = real token)`.
+
+    In "clip" mode `width`, `context_length`, `layers` and `heads` come from the CLIP's text tower
+    (the arguments are ignored) and `clip` is a spec for `unclip.clip.load_clip`.
+    """
+
+    def __init__(
+        self,
+        mode: str = "own",
+        width: int = 256,
+        context_length: int = 77,
+        layers: int = 4,
+        heads: int = 4,
+        clip: str | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"caption encoder mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.text: TextTransformer | None = None
+        self._clip: FrozenHandle | None = None
+        if mode == "own":
+            self.text = TextTransformer(context_length, width, layers, heads, dropout=dropout)
+            self.context_length = context_length
+            self.out_dim = width
+            self._tokenizer: Any = open_clip.SimpleTokenizer(context_length=context_length)
+        else:
+            if not clip:
+                raise ValueError("caption encoder mode 'clip' needs a CLIP spec in `clip`")
+            from unclip.clip import load_clip  # late import: loading may pull in Lightning
+
+            bundle = load_clip(clip)
+            model = bundle.model.eval().requires_grad_(False)
+            if not hasattr(model, "token_embedding"):
+                raise ValueError(f"CLIP {clip!r} has no open_clip text tower to read tokens from")
+            self._clip = FrozenHandle(model)
+            self.context_length = int(model.context_length)
+            self.out_dim = int(model.transformer.width)
+            self._tokenizer = bundle.tokenizer
+
+    @property
+    def clip_model(self) -> nn.Module | None:
+        return self._clip.module if self._clip is not None else None
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """open_clip BPE ids [B, context_length] (SOT ... EOT, zero padded, truncated to fit)."""
+        return self._tokenizer(list(captions))
+
+    @staticmethod
+    def trim(tokens: torch.Tensor) -> torch.Tensor:
+        """Drop the padding columns after the batch's longest caption. Both encoders are causal, so
+        the states of real tokens do not change, and the sequences a consumer attends over shrink
+        (shapes captions fill ~12 of 77 positions)."""
+        longest = int((tokens != PAD_ID).sum(dim=-1).max()) if tokens.numel() else 0
+        return tokens[:, : max(1, longest)]
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens [B, L] with L <= context_length (full or `trim`med) -> states of the same L."""
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(
+                f"{length} tokens per caption exceed context_length {self.context_length}"
+            )
+        if self.text is not None:
+            return self._own(tokens)
+        from unclip.clip import token_states
+
+        full = F.pad(tokens, (0, self.context_length - length), value=PAD_ID)
+        with torch.no_grad():
+            states, pad_mask = token_states(self.clip_model, full)
+        states, pad_mask = states[:, :length].float(), pad_mask[:, :length]
+        eot_index = pad_mask.long().sum(dim=-1) - 1
+        pooled = states[torch.arange(states.shape[0], device=states.device), eot_index]
+        return states, pooled, pad_mask
+
+    def _own(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        text = self.text
+        if tokens.shape[1] == self.context_length:
+            return text(tokens)
+        # TextTransformer.forward takes full-length tokens only: the same layers on fewer positions
+        x = text.token_embedding(tokens) + text.positional_embedding[: tokens.shape[1]]
+        x = text.ln_final(text.transformer(x, causal_mask(tokens.shape[1], tokens.device)))
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return x, pooled, padding_mask_from_tokens(tokens, PAD_ID)
+
+    # the frozen CLIP follows the encoder across devices and dtypes without being registered
+    def _apply(self, fn: Any, recurse: bool = True) -> CaptionEncoder:
+        super()._apply(fn, recurse)
+        if self._clip is not None:
+            self._clip.module._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True) -> CaptionEncoder:
+        super().train(mode)
+        if self._clip is not None:
+            self._clip.module.eval()
+        return self

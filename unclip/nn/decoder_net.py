@@ -1,0 +1,136 @@
+"""The decoder's network: GLIDE's text-conditional UNet with unCLIP's two CLIP-embedding paths.
+
+As in the paper (section 2.1), the CLIP image embedding z_i is
+  1. projected and added to the timestep embedding, and
+  2. projected into `num_image_tokens` (4) extra context tokens, concatenated to the outputs of the
+     decoder's own transformer text encoder over the caption;
+every attention layer of the UNet attends to those context tokens together with its own keys and
+values. As in GLIDE (and Karlo), the text encoder's pooled (EOT) state is added to the timestep
+embedding too. Both additions go through the UNet's one conditioning vector: a linear map of the
+concatenation [z_i, pooled] is the sum of a linear map of each.
+
+Classifier-free guidance: `drop_image` swaps z_i for the null embedding (zeros, or a learned vector
+with `null_image_embedding="learned"`); a dropped caption is the empty caption "" (GLIDE's choice),
+tokenised like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unclip.nn.caption_encoder import CaptionEncoder
+from unclip.nn.unet import UNet
+
+NULL_IMAGE_EMBEDDINGS = ("zero", "learned")
+# UNet arguments the decoder sets itself from its other settings
+UNET_OWNED_KEYS = ("cond_dim", "context_dim")
+
+
+def check_keys(given: dict, allowed: set[str], where: str) -> None:
+    """Unknown keys of a nested config dict fail naming the key (Hydra cannot check these)."""
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key; known: {sorted(allowed)}")
+
+
+class DecoderNet(nn.Module):
+    """`forward(x_t, t, img_emb, tokens, drop_image=None) -> prediction` ([B, out_channels, H, W]).
+
+    embed_dim: size of the CLIP image embeddings. unet: `UNet` arguments (but cond_dim and
+    context_dim, which follow from the rest). text: `CaptionEncoder` arguments, or None for a decoder
+    without captions. context_dim: width of the context tokens (default: the text encoder's).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        unet: dict,
+        text: dict | None = None,
+        num_image_tokens: int = 4,
+        context_dim: int | None = None,
+        add_pooled_text: bool = True,
+        null_image_embedding: str = "zero",
+    ) -> None:
+        super().__init__()
+        owned = sorted(set(unet) & set(UNET_OWNED_KEYS))
+        if owned:
+            raise ValueError(f"model.net.unet.{owned[0]} is set by the decoder itself; remove it")
+        if null_image_embedding not in NULL_IMAGE_EMBEDDINGS:
+            raise ValueError(
+                f"model.net.null_image_embedding={null_image_embedding!r}: choose one of "
+                f"{NULL_IMAGE_EMBEDDINGS}"
+            )
+        self.embed_dim = embed_dim
+        self.text = CaptionEncoder(**text) if text is not None else None
+        text_dim = self.text.out_dim if self.text is not None else 0
+        self.add_pooled_text = add_pooled_text and self.text is not None
+        width = context_dim or text_dim or 4 * unet.get("model_channels", 64)
+        self.text_proj = (
+            nn.Linear(text_dim, width) if self.text is not None and text_dim != width else None
+        )
+        self.image_tokens = nn.Linear(embed_dim, num_image_tokens * width)
+        self.num_image_tokens = num_image_tokens
+        self.context_dim = width
+        cond_dim = embed_dim + (text_dim if self.add_pooled_text else 0)
+        self.unet = UNet(**unet, cond_dim=cond_dim, context_dim=width)
+        if null_image_embedding == "learned":
+            self.null_image = nn.Parameter(torch.zeros(embed_dim))
+        else:
+            self.register_buffer("null_image", torch.zeros(embed_dim), persistent=False)
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.in_channels
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        if self.text is None:
+            return torch.zeros(len(captions), 0, dtype=torch.long)
+        return self.text.tokenize(captions)
+
+    def condition(
+        self, img_emb: torch.Tensor, tokens: torch.Tensor, drop_image: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cond [B, cond_dim], context [B, N, width], context_mask [B, N]) for the UNet: what
+        stays fixed over a sampling chain, so samplers compute it once."""
+        if img_emb.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"image embeddings of size {img_emb.shape[-1]}, but the decoder takes "
+                f"{self.embed_dim} (model.embed_dim)"
+            )
+        img_emb = img_emb.to(self.null_image.dtype)
+        if drop_image is not None:
+            null = self.null_image.expand_as(img_emb)
+            img_emb = torch.where(drop_image[:, None].to(img_emb.device), null, img_emb)
+        batch = img_emb.shape[0]
+        image_context = self.image_tokens(img_emb).view(batch, self.num_image_tokens, -1)
+        image_mask = torch.ones(
+            batch, self.num_image_tokens, dtype=torch.bool, device=img_emb.device
+        )
+        if self.text is None:
+            return img_emb, image_context, image_mask
+        states, pooled, pad_mask = self.text(tokens.to(img_emb.device))
+        if self.text_proj is not None:
+            states = self.text_proj(states)
+        cond = torch.cat([img_emb, pooled], dim=-1) if self.add_pooled_text else img_emb
+        context = torch.cat([states.to(image_context.dtype), image_context], dim=1)
+        return cond, context, torch.cat([pad_mask, image_mask], dim=1)
+
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        cond, context, context_mask = conditioning
+        return self.unet(x_t, t, cond, context, context_mask)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        img_emb: torch.Tensor,
+        tokens: torch.Tensor,
+        drop_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.denoise(x_t, t, self.condition(img_emb, tokens, drop_image))

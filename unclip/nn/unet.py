@@ -1,0 +1,331 @@
+"""The ADM / GLIDE UNet (Dhariwal & Nichol 2021, Nichol et al. 2021) that the decoder and the
+upsamplers denoise with.
+
+Residual blocks read the timestep embedding (plus an optional conditioning vector) through
+scale-shift normalisation; self-attention runs at configured feature-map sizes and, when the network
+is given context tokens, every attention layer attends to them together with its own keys and values
+(GLIDE's text conditioning, which unCLIP also feeds with its four CLIP-embedding tokens).
+Layout and initialisation follow guided-diffusion's unet.py: output convolutions start at zero, so
+a fresh block is the identity and a fresh network predicts zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_NORM_GROUPS = 32
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for param in module.parameters():
+        nn.init.zeros_(param)
+    return module
+
+
+def normalization(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups (fewer for the narrow layers of tiny configs)."""
+    return nn.GroupNorm(math.gcd(MAX_NORM_GROUPS, channels), channels)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embeddings [B, dim] of (possibly fractional) timesteps [B]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True):
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+        elif out_channels == channels:
+            self.op = nn.AvgPool2d(2)
+        else:
+            raise ValueError("Downsample without a convolution cannot change the channel count")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True):
+        super().__init__()
+        out_channels = out_channels or channels
+        if not use_conv and out_channels != channels:
+            raise ValueError("Upsample without a convolution cannot change the channel count")
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.conv is not None else x
+
+
+class ResBlock(nn.Module):
+    """A residual block that reads the embedding `emb` [B, emb_dim]; with `use_scale_shift_norm`
+    the embedding sets a per-channel scale and shift after the second normalisation (ADM's
+    AdaGN), otherwise it is added. `up`/`down` resample inside the block (BigGAN style)."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_dim: int,
+        dropout: float = 0.0,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = True,
+        up: bool = False,
+        down: bool = False,
+    ) -> None:
+        super().__init__()
+        if up and down:
+            raise ValueError("a ResBlock resamples up or down, not both")
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_norm = normalization(channels)
+        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        # parameter-free (nearest / average pooling), so one module serves both paths
+        if up:
+            self.resample: nn.Module = Upsample(channels, use_conv=False)
+        elif down:
+            self.resample = Downsample(channels, use_conv=False)
+        else:
+            self.resample = nn.Identity()
+        self.emb_proj = nn.Linear(
+            emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels
+        )
+        self.out_norm = normalization(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        if out_channels == channels:
+            self.skip = nn.Identity()
+        else:
+            self.skip = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.in_norm(x))
+        h = self.in_conv(self.resample(h))
+        x = self.resample(x)
+        emb = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + emb)
+        h = self.out_conv(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map. Given `context` tokens
+    [B, N, context_dim], each head also attends to their projected keys and values (GLIDE);
+    `context_mask` [B, N] (True = real token) hides padding."""
+
+    def __init__(
+        self, channels: int, num_head_channels: int, context_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        if channels % num_head_channels:
+            raise ValueError(
+                f"attention at {channels} channels: not divisible by num_head_channels "
+                f"{num_head_channels}"
+            )
+        self.heads = channels // num_head_channels
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, L] -> [B, heads, L, C // heads]."""
+        batch, channels, length = x.shape
+        return x.view(batch, self.heads, channels // self.heads, length).transpose(2, 3)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, channels, *spatial = x.shape
+        h = x.reshape(batch, channels, -1)
+        q, k, v = (self._heads(part) for part in self.qkv(self.norm(h)).chunk(3, dim=1))
+        mask = None
+        if context is not None and self.context_kv is not None:
+            context_k, context_v = self.context_kv(context).transpose(1, 2).chunk(2, dim=1)
+            k = torch.cat([self._heads(context_k), k], dim=2)
+            v = torch.cat([self._heads(context_v), v], dim=2)
+            if context_mask is not None:
+                own = context_mask.new_ones(batch, k.shape[2] - context.shape[1])
+                mask = torch.cat([context_mask.bool(), own], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(2, 3).reshape(batch, channels, -1)
+        return x + self.proj_out(out).reshape(batch, channels, *spatial)
+
+
+class EmbedSequential(nn.Sequential):
+    """A sequence of layers, each given the inputs it takes: ResBlocks the embedding, attention
+    blocks the context, everything else the feature map alone."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, context, context_mask)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The ADM UNet. `attention_resolutions` are feature-map sizes in pixels (for inputs of
+    `image_size`) at which self-attention follows each residual block; the middle block attends
+    too whenever any level does. With no attention the network is fully convolutional and takes
+    any input whose side is divisible by 2 ** (len(channel_mult) - 1) (the upsamplers' random crops).
+
+    `cond_dim`: a vector [B, cond_dim] projected and added to the timestep embedding.
+    `context_dim`: tokens [B, N, context_dim] every attention layer attends to (GLIDE).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        model_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16, 8),
+        num_head_channels: int = 32,
+        dropout: float = 0.0,
+        image_size: int = 64,
+        cond_dim: int | None = None,
+        context_dim: int | None = None,
+        use_scale_shift_norm: bool = True,
+        resblock_updown: bool = True,
+    ) -> None:
+        super().__init__()
+        levels = len(channel_mult)
+        if image_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"image_size {image_size} is not divisible by 2**{levels - 1} "
+                f"(channel_mult has {levels} levels)"
+            )
+        sizes = {image_size // 2**level for level in range(levels)}
+        unused = sorted(set(attention_resolutions) - sizes)
+        if unused:
+            raise ValueError(
+                f"attention_resolutions {unused} match no feature-map size of a "
+                f"{image_size}px input (sizes: {sorted(sizes, reverse=True)})"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.image_size = image_size
+        self.num_levels = levels
+        self.cond_dim = cond_dim
+        self.context_dim = context_dim
+        self.time_embed_dim = 4 * model_channels
+        emb_dim = self.time_embed_dim
+        self.model_channels = model_channels
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim else None
+
+        def res(ch: int, out: int, **resample: bool) -> ResBlock:
+            return ResBlock(ch, emb_dim, dropout, out, use_scale_shift_norm, **resample)
+
+        def attention(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, num_head_channels, context_dim)
+
+        ch = model_channels * channel_mult[0]
+        self.input_blocks = nn.ModuleList(
+            [EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
+        )
+        skip_channels = [ch]
+        size = image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, model_channels * mult)]
+                ch = model_channels * mult
+                if size in attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch)
+                self.input_blocks.append(EmbedSequential(down))
+                skip_channels.append(ch)
+                size //= 2
+
+        middle: list[nn.Module] = [res(ch, ch)]
+        if attention_resolutions:
+            middle.append(attention(ch))
+        middle.append(res(ch, ch))
+        self.middle_block = EmbedSequential(*middle)
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for block in range(num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if size in attention_resolutions:
+                    layers.append(attention(ch))
+                if level and block == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch))
+                    size *= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        factor = 2 ** (self.num_levels - 1)
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(
+                f"input of size {tuple(x.shape[-2:])}: each side must be divisible by {factor}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}")
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        if self.cond_proj is not None:
+            if cond is None:
+                raise ValueError(f"this UNet needs cond [B, {self.cond_dim}] (cond_dim is set)")
+            emb = emb + self.cond_proj(cond.to(emb.dtype))
+        elif cond is not None:
+            raise ValueError("cond given to a UNet built with cond_dim=None")
+        if context is not None and self.context_dim is None:
+            raise ValueError("context given to a UNet built with context_dim=None")
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context, context_mask)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, context_mask)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)
