@@ -149,7 +149,9 @@ class DiffusionPriorNet(nn.Module):
         mask[:, 0] = True
         return caption, mask
 
-    def _prefix(self, caption: torch.Tensor, caption_mask: torch.Tensor, text_emb: torch.Tensor):
+    def _prefix(
+        self, caption: torch.Tensor, caption_mask: torch.Tensor, text_emb: torch.Tensor
+    ) -> Prefix:
         """Caption positions count from 0; z_t and the tail sit at fixed positions after the full
         context, so a trimmed caption (see CaptionEncoder.trim) changes nothing."""
         positions = self.positional_embedding
