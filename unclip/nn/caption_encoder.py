@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.nn.transformer import TextTransformer, causal_mask, padding_mask_from_tokens
+from unclip.nn.transformer import TextTransformer
 
 MODES = ("own", "clip")
 PAD_ID = 0  # open_clip pads with 0 after the EOT token
@@ -113,14 +113,7 @@ class CaptionEncoder(nn.Module):
         return states, pooled, pad_mask
 
     def _own(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        text = self.text
-        if tokens.shape[1] == self.context_length:
-            return text(tokens)
-        # TextTransformer.forward takes full-length tokens only: the same layers on fewer positions
-        x = text.token_embedding(tokens) + text.positional_embedding[: tokens.shape[1]]
-        x = text.ln_final(text.transformer(x, causal_mask(tokens.shape[1], tokens.device)))
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return x, pooled, padding_mask_from_tokens(tokens, PAD_ID)
+        return self.text(tokens)
 
     # the frozen CLIP follows the encoder across devices and dtypes without being registered
     def _apply(self, fn: Any, recurse: bool = True) -> CaptionEncoder:

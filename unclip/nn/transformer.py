@@ -110,11 +110,13 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(width)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if tokens.shape[1] != self.context_length:
+        """Tokens [B, L] with L <= context_length: trimmed padding leaves the real tokens' states
+        unchanged (the mask is causal) and makes the sequence shorter."""
+        if tokens.shape[1] > self.context_length:
             raise ValueError(
-                f"expected {self.context_length} tokens per caption, got {tokens.shape[1]}"
+                f"at most {self.context_length} tokens per caption, got {tokens.shape[1]}"
             )
-        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, causal_mask(tokens.shape[1], tokens.device)))
         eot_index = tokens.argmax(dim=-1)  # the EOT id is the largest in the vocabulary
         pooled = x[torch.arange(x.shape[0], device=x.device), eot_index]
