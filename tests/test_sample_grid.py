@@ -80,7 +80,7 @@ def fit(tmp_path: Path, module: L.LightningModule, loggers: list, **callback_arg
 
 def test_grid_pairs_each_sample_with_its_ground_truth_under_its_caption(tmp_path: Path) -> None:
     module = Sampling()
-    fit(tmp_path, module, [CSVLogger(str(tmp_path), name="csv")], num_samples=3)
+    fit(tmp_path, module, [CSVLogger(str(tmp_path), name="csv")], num_samples=3, display_size=16)
     # validations at steps 2, 4, 6; the sanity check does not sample
     assert module.calls == [2, 4, 6]
     files = sorted((tmp_path / "samples").glob("*.png"))
@@ -90,9 +90,9 @@ def test_grid_pairs_each_sample_with_its_ground_truth_under_its_caption(tmp_path
     # three rows of [sample | truth]: red pixels on the left, blue on the right, and caption strips
     reds = ((pixels[..., 0] > 200) & (pixels[..., 2] < 50)).nonzero()
     blues = ((pixels[..., 2] > 200) & (pixels[..., 0] < 50)).nonzero()
-    assert len(reds) == len(blues) == 3 * SIZE * SIZE
+    assert len(reds) == len(blues) == 3 * (2 * SIZE) ** 2  # enlarged to 16 pixels
     assert reds[:, 1].max() < blues[:, 1].min()
-    assert grid.height > 3 * SIZE + 3 * 10  # room for the caption strips
+    assert grid.height > 3 * 2 * SIZE + 3 * 10  # room for the caption strips
 
 
 def test_every_n_validations_and_modules_without_grids(tmp_path: Path) -> None:
@@ -142,9 +142,12 @@ def test_wandb_and_tensorboard_get_the_image(
     assert not (tmp_path / "samples").exists()
 
 
-def test_pair_rows_resizes_the_ground_truth_to_the_sample_size() -> None:
+def test_pair_rows_matches_the_ground_truth_to_the_sample_and_enlarges_both() -> None:
     rows = pair_rows(torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 8, 8))
     assert len(rows) == 2 and rows[0].shape == (2, 3, 4, 4)
     torch.testing.assert_close(rows[1][1], torch.ones(3, 4, 4))
+    samples = torch.arange(4.0).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    enlarged = pair_rows(samples, samples, display_size=5)[0]  # factor 3
+    assert enlarged.shape == (2, 3, 6, 6) and enlarged[0, 0, 2, 3] == 1.0
     with pytest.raises(ValueError, match="at least 1"):
         SampleGrid(num_samples=0)

@@ -139,7 +139,7 @@ class UpsamplerModule(UnclipModule):
                 "model.unet.attention_resolutions must be empty: the upsampler is fully "
                 "convolutional so that it trains on crops and samples at full size"
             )
-        levels = len(unet.get("channel_mult", (1, 2, 4)))
+        levels = len(unet.get("channel_mult", (1, 2, 4)))  # UNet's default
         factor = 2 ** (levels - 1)
         for key, size in (("crop_fraction", self.crop_size), ("image_size", self.image_size)):
             if size % factor:
@@ -168,10 +168,6 @@ class UpsamplerModule(UnclipModule):
                 f"model.sampling.sampler={sampling['sampler']!r}: choose one of {SAMPLERS}"
             )
         return sampling
-
-    @property
-    def scale_factor(self) -> float:
-        return self.image_size / self.low_res_size
 
     # ---- the conditioning image -----------------------------------------------------------------
     def downsample(self, images: torch.Tensor) -> torch.Tensor:

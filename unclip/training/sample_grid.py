@@ -8,12 +8,14 @@ for any other module the callback does nothing, so it can sit in the default cal
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
@@ -24,25 +26,38 @@ log = logging.getLogger(__name__)
 SAMPLES_DIR = "samples"
 
 
-def pair_rows(samples: torch.Tensor, ground_truth: torch.Tensor) -> list[torch.Tensor]:
-    """One row per item: its sample, then its ground truth resized to the sample's size."""
+def pair_rows(
+    samples: torch.Tensor, ground_truth: torch.Tensor, display_size: int | None = None
+) -> list[torch.Tensor]:
+    """One row per item: its sample, then its ground truth at the sample's size; both enlarged
+    (nearest neighbour, so pixels stay honest) by the integer factor that reaches `display_size`."""
+    samples = samples.detach().float().cpu()
+    ground_truth = ground_truth.detach().float().cpu()
     if ground_truth.shape[-2:] != samples.shape[-2:]:
-        ground_truth = torch.nn.functional.interpolate(
-            ground_truth.float(), size=samples.shape[-2:], mode="bilinear", antialias=True
+        ground_truth = F.interpolate(
+            ground_truth, size=samples.shape[-2:], mode="bilinear", antialias=True
         )
+    factor = max(1, math.ceil((display_size or 0) / samples.shape[-1]))
+    if factor > 1:
+        samples = F.interpolate(samples, scale_factor=factor, mode="nearest")
+        ground_truth = F.interpolate(ground_truth, scale_factor=factor, mode="nearest")
     return [
-        torch.stack([sample, truth])
-        for sample, truth in zip(samples.detach().float().cpu(), ground_truth.cpu(), strict=True)
+        torch.stack([sample, truth]) for sample, truth in zip(samples, ground_truth, strict=True)
     ]
 
 
 class SampleGrid(L.Callback):
     """Every `every_n_validations` validations (sanity check excluded), sample `num_samples` items
     of the first validation batch and log the grid under `key`: `WandbLogger.log_image`,
-    TensorBoard's `add_image`, and a PNG under `<run dir>/samples/` for CSV logging or no logger."""
+    TensorBoard's `add_image`, and a PNG under `<run dir>/samples/` for CSV logging or no logger.
+    Small images are enlarged to about `display_size` pixels so their captions fit above them."""
 
     def __init__(
-        self, every_n_validations: int = 1, num_samples: int = 8, key: str = "val/samples"
+        self,
+        every_n_validations: int = 1,
+        num_samples: int = 8,
+        key: str = "val/samples",
+        display_size: int = 128,
     ) -> None:
         super().__init__()
         if every_n_validations < 1 or num_samples < 1:
@@ -52,6 +67,7 @@ class SampleGrid(L.Callback):
         self.every_n_validations = every_n_validations
         self.num_samples = num_samples
         self.key = key
+        self.display_size = display_size
         self._batch: dict | None = None
         self._validations = 0
 
@@ -79,7 +95,7 @@ class SampleGrid(L.Callback):
         # every rank samples (a sharded network needs them all); rank 0 logs
         samples, truth, captions = pl_module.sample_grid_images(batch, self.num_samples)
         if trainer.is_global_zero:
-            grid = captioned_grid(pair_rows(samples, truth), captions)
+            grid = captioned_grid(pair_rows(samples, truth, self.display_size), captions)
             self.log_grid(trainer, grid, captions)
 
     def log_grid(self, trainer: L.Trainer, grid: Image.Image, captions: list[str]) -> None:
