@@ -239,6 +239,12 @@ def test_cached_sampling_matches_the_full_forward(scale: float) -> None:
         expected = greedy_without_cache(net, tokens, txt_emb, dot_codes, scale)
     got = net.generate(tokens, txt_emb, dot_codes, guidance_scale=scale, temperature=0.0)
     assert torch.equal(got, expected)
+    # and random draws: the same codes with and without the cache under one seed
+    cached, uncached = (
+        net.generate(tokens, txt_emb, dot_codes, scale, generator=seeded(1), use_cache=use)
+        for use in (True, False)
+    )
+    assert torch.equal(cached, uncached)
 
 
 def test_logit_filters_keep_what_they_promise() -> None:

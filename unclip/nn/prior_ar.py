@@ -112,8 +112,8 @@ def sample_logits(
 class ARPriorNet(nn.Module):
     """Predicts the codes of z_i from the caption, z_t and the dot-product code.
 
-    `text_encoder` holds CaptionEncoder's arguments. The code vocabulary is shared by all positions (a
-    code is a quantile rank of its component; the position says which component).
+    `text_encoder` holds CaptionEncoder's arguments. The code vocabulary is shared by all
+    positions (a code is a quantile rank of its component; the position says which component).
     """
 
     def __init__(
@@ -159,7 +159,8 @@ class ARPriorNet(nn.Module):
         drop_text: torch.Tensor | None = None,
     ) -> Prefix:
         """Caption states, z_t and the dot code as tokens [B, L+2, W]. Rows where `drop_text` is
-        True become the null prefix: one null caption token (the rest masked), null z_t, null dot."""
+        True become the null prefix: one null caption token (the rest masked), null z_t and the
+        null dot code."""
         states, _, caption_mask = self.caption_encoder(tokens)
         caption = self.caption_proj(states)
         txt = self.txt_emb_proj(txt_emb.to(caption.dtype)).unsqueeze(1)
@@ -195,13 +196,20 @@ class ARPriorNet(nn.Module):
         return self.head(self.ln_final(x[:, self.prefix_length - 1 :]))
 
     # ---- sampling ----------------------------------------------------------------------------
-    def _cached_forward(self, x: torch.Tensor, cache: KVCache, key_mask: torch.Tensor):
+    def _cached_forward(
+        self, x: torch.Tensor, cache: KVCache, key_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Last-position logits [B, K] after feeding tokens x [B, T, W] through the cache."""
         x = x + self.positional_embedding[cache.length : cache.length + x.shape[1]]
         for layer, block in enumerate(self.transformer.blocks):
             x = cached_block(block, x, cache, layer, key_mask)
         cache.length += x.shape[1]
         return self.head(self.ln_final(x[:, -1]))
+
+    def can_cache(self) -> bool:
+        """The cache calls each block's layers directly, which needs plain blocks: a block wrapped
+        by FSDP (whose parameters are sharded outside its own forward) is run whole instead."""
+        return all(type(block) is TransformerBlock for block in self.transformer.blocks)
 
     @torch.no_grad()
     def generate(
@@ -214,29 +222,38 @@ class ARPriorNet(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool | None = None,
     ) -> torch.Tensor:
         """Sample codes [B, P]. With guidance_scale != 1 the logits are
         uncond + scale * (cond - uncond), the unconditional rows having the text dropped;
-        scale 0 is the unconditional model, scale 1 the conditional one."""
+        scale 0 is the unconditional model, scale 1 the conditional one. `use_cache` None: the
+        key/value cache whenever `can_cache()`; False re-runs the whole sequence for every code."""
         batch = tokens.shape[0]
         guided = guidance_scale != 1.0
+        drop = None
         if guided:
             tokens, txt_emb, dot_codes = (torch.cat([t, t]) for t in (tokens, txt_emb, dot_codes))
             drop = torch.arange(2 * batch, device=tokens.device) >= batch
-        else:
-            drop = None
-        prefix = self.prefix(tokens, txt_emb, dot_codes, drop)
-        total = self.prefix_length + self.num_components - 1
-        cache = KVCache(self.layers, total)
-        key_mask = F.pad(prefix.mask, (0, total - prefix.mask.shape[1]), value=True)
-        logits = self._cached_forward(prefix.states, cache, key_mask)
-        codes = torch.empty(batch, self.num_components, dtype=torch.long, device=tokens.device)
+        if use_cache is None:
+            use_cache = self.can_cache()
+        codes = torch.zeros(
+            len(tokens), self.num_components, dtype=torch.long, device=tokens.device
+        )
+        if use_cache:
+            prefix = self.prefix(tokens, txt_emb, dot_codes, drop)
+            total = self.prefix_length + self.num_components - 1
+            cache = KVCache(self.layers, total)
+            key_mask = F.pad(prefix.mask, (0, total - prefix.mask.shape[1]), value=True)
+            logits = self._cached_forward(prefix.states, cache, key_mask)
         for position in range(self.num_components):
+            if not use_cache:  # the causal mask keeps the codes not drawn yet out of the logits
+                logits = self(tokens, txt_emb, dot_codes, codes, drop)[:, position]
             if guided:
                 cond, uncond = logits.float().chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond)
-            codes[:, position] = sample_logits(logits, temperature, top_k, top_p, generator)
-            if position + 1 < self.num_components:
-                step = codes[:, position].repeat(2 if guided else 1)
-                logits = self._cached_forward(self.code_embedding(step)[:, None], cache, key_mask)
-        return codes
+            code = sample_logits(logits, temperature, top_k, top_p, generator)
+            codes[:, position] = code.repeat(2) if guided else code
+            if use_cache and position + 1 < self.num_components:
+                step = self.code_embedding(codes[:, position])[:, None]
+                logits = self._cached_forward(step, cache, key_mask)
+        return codes[:batch]
