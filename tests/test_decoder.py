@@ -170,7 +170,9 @@ def test_a_dropped_embedding_becomes_the_null_embedding() -> None:
         cond, context, mask = net.condition(img_emb, tokens, torch.tensor([False, True, False]))
         null = torch.full((EMBED_DIM,), 0.5 if kind == "learned" else 0.0)
         torch.testing.assert_close(cond[1, :EMBED_DIM], null)
-        torch.testing.assert_close(cond[0, :EMBED_DIM], img_emb[0])
+        # kept embeddings are rescaled to unit RMS, in the same direction
+        rescaled = torch.nn.functional.normalize(img_emb[0], dim=0) * math.sqrt(EMBED_DIM)
+        torch.testing.assert_close(cond[0, :EMBED_DIM], rescaled)
         # caption tokens, then the 4 image tokens (always real)
         assert context.shape == (3, 8 + 4, 16) and mask[:, -4:].all()
         expected = net.image_tokens(null).view(4, 16)

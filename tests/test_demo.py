@@ -118,7 +118,11 @@ def test_unknown_prior_is_refused() -> None:
 def test_default_folders_add_no_path_overrides_to_the_printed_commands() -> None:
     demo = Demo(load_config([]))
     assert demo.path_overrides() == []
-    assert demo.train("clip").commands[0][1:] == ["train.py", "experiment=demo_clip", "ckpt_path=last"]
+    assert demo.train("clip").commands[0][1:] == [
+        "train.py",
+        "experiment=demo_clip",
+        "ckpt_path=last",
+    ]
 
 
 def test_score_table_marks_the_bars_on_held_in_rows_only() -> None:

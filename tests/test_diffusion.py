@@ -209,8 +209,8 @@ def test_a_trained_network_reproduces_a_2d_gaussian() -> None:
         return net(torch.cat([x, t.float().view(-1, 1) / 100], dim=1))
 
     losses = []
-    for _ in range(600):
-        x0 = mean + std * torch.randn(128, 2)
+    for _ in range(1500):
+        x0 = mean + std * torch.randn(256, 2)
         loss = diff.training_losses(model_fn, x0)["loss"].mean()
         opt.zero_grad()
         loss.backward()

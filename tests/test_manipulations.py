@@ -34,7 +34,7 @@ def test_slerp_keeps_unit_norm_and_moves_at_constant_angular_speed() -> None:
         z = slerp(a, b, float(theta))
         assert z.norm().item() == pytest.approx(1.0, abs=1e-5)
         assert torch.arccos((z @ a).clamp(-1, 1)).item() == pytest.approx(
-            float(theta * omega), abs=1e-4
+            float(theta * omega), abs=1e-3
         )
 
 

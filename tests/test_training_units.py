@@ -56,7 +56,9 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
     assert not wandb_credentials_available()
-    logger = wandb_logger(project="p", name="run/with spaces", save_dir=str(tmp_path), log_model=True)
+    logger = wandb_logger(
+        project="p", name="run/with spaces", save_dir=str(tmp_path), log_model=True
+    )
     assert logger._offline
     assert logger._wandb_init["id"] == "run-with-spaces"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

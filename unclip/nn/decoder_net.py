@@ -16,7 +16,10 @@ tokenised like any other.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unclip.nn.caption_encoder import CaptionEncoder
@@ -40,6 +43,8 @@ class DecoderNet(nn.Module):
     embed_dim: size of the CLIP image embeddings. unet: `UNet` arguments (but cond_dim and
     context_dim, which follow from the rest). text: `CaptionEncoder` arguments, or None for a decoder
     without captions. context_dim: width of the context tokens (default: the text encoder's).
+    rescale_image_embedding: feed z_i / |z_i| * sqrt(embed_dim) (unit RMS, as DALLE2-pytorch's
+    prior normalisation) instead of the raw embedding.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class DecoderNet(nn.Module):
         context_dim: int | None = None,
         add_pooled_text: bool = True,
         null_image_embedding: str = "zero",
+        rescale_image_embedding: bool = True,
     ) -> None:
         super().__init__()
         owned = sorted(set(unet) & set(UNET_OWNED_KEYS))
@@ -62,6 +68,7 @@ class DecoderNet(nn.Module):
                 f"{NULL_IMAGE_EMBEDDINGS}"
             )
         self.embed_dim = embed_dim
+        self.rescale_image_embedding = rescale_image_embedding
         self.text = CaptionEncoder(**text) if text is not None else None
         text_dim = self.text.out_dim if self.text is not None else 0
         self.add_pooled_text = add_pooled_text and self.text is not None
@@ -99,6 +106,10 @@ class DecoderNet(nn.Module):
                 f"{self.embed_dim} (model.embed_dim)"
             )
         img_emb = img_emb.to(self.null_image.dtype)
+        if self.rescale_image_embedding:
+            # unit-length CLIP embeddings have components of size 1/sqrt(D): give them unit RMS
+            # (same direction) so freshly initialised projections see inputs of the usual scale
+            img_emb = F.normalize(img_emb, dim=-1) * math.sqrt(self.embed_dim)
         if drop_image is not None:
             null = self.null_image.expand_as(img_emb)
             img_emb = torch.where(drop_image[:, None].to(img_emb.device), null, img_emb)

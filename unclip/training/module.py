@@ -61,9 +61,14 @@ class UnclipModule(L.LightningModule):
         """The network used for validation and sampling: the EMA weights when there are any."""
         return self.ema.module if self.ema is not None else self.net
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA follows each optimiser step here, before any callback's on_train_batch_end, so a
+        # checkpoint written at step n holds the EMA of step n (a resumed run misses no update)
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.net, self.global_step)
+            self.ema.update(self.net, self.global_step + 1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if isinstance(batch, dict) and "skipped" in batch:
             self._skipped_total += int(batch["skipped"].sum())
             self.log(
