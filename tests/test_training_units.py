@@ -90,3 +90,16 @@ def test_sweep_summary_puts_jobs_side_by_side(tmp_path) -> None:
     assert rows[1][0] == "model=prior_diffusion" and rows[1][3] == "0.9000"
     assert rows[2][0] == "model=prior_ar" and rows[2][3] == "0.8000"
     assert "| model=prior_ar" in format_markdown(rows)
+
+
+def test_sweep_summary_labels_jobs_by_the_overrides_that_differ() -> None:
+    shared = ["data=shapes_emb", "trainer.max_steps=20"]
+    records = [
+        {"overrides": ["model=prior_diffusion", *shared], "run_name": "a", "step": 20,
+         "metrics": {"val/cosine": 0.9}},
+        {"overrides": ["model=prior_ar", *shared], "run_name": "b", "step": 20,
+         "metrics": {"val/cosine": 0.8}},
+    ]  # fmt: skip
+    rows = summary_table(records)
+    assert [row[0] for row in rows[1:]] == ["model=prior_diffusion", "model=prior_ar"]
+    assert rows[1][rows[0].index("val/cosine")] == "0.9000"

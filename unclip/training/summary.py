@@ -31,12 +31,17 @@ def summary_table(
         {m for r in records for m in r["metrics"] if m.startswith("val/")} - set(present)
     )
     columns = present + extra
+    shared = (
+        set.intersection(*(set(r["overrides"]) for r in records)) if len(records) > 1 else set()
+    )
     rows = [["job", "step", *columns]]
     for record in records:
         values = [record["metrics"].get(m) for m in columns]
+        # the overrides every job shares say nothing about the difference between them
+        varying = [o for o in record["overrides"] if o not in shared]
         rows.append(
             [
-                " ".join(record["overrides"]) or record["run_name"],
+                " ".join(varying) or record["run_name"],
                 str(record["step"]),
                 *("-" if v is None else f"{v:.4f}" for v in values),
             ]
