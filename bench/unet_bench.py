@@ -110,9 +110,9 @@ def count(module: torch.nn.Module) -> int:
 
 
 def matched_diffusers(cfg: dict, target: int) -> tuple[torch.nn.Module, int]:
-    """The diffusers UNet whose base width (a multiple of 8) gives the nearest parameter count."""
+    """The diffusers UNet whose base width (a multiple of 4) gives the nearest parameter count."""
     best = None
-    for base in range(8, 8 * 129, 8):
+    for base in range(4, 4 * 257, 4):
         net = diffusers_unet(cfg, base)
         gap = abs(count(net) - target)
         if best is not None and gap > best[0]:

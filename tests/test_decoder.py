@@ -101,7 +101,7 @@ def tiny_decoder(**overrides) -> DecoderModule:
 
 @pytest.fixture(scope="module")
 def trained() -> DecoderModule:
-    torch.manual_seed(0)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     module = tiny_decoder()
@@ -116,6 +116,7 @@ def trained() -> DecoderModule:
         limit_val_batches=0,
     )
     trainer.fit(module, loader)
+    torch.set_num_threads(threads)
     return module.eval()
 
 

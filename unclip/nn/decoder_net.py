@@ -30,13 +30,6 @@ NULL_IMAGE_EMBEDDINGS = ("zero", "learned")
 UNET_OWNED_KEYS = ("cond_dim", "context_dim")
 
 
-def check_keys(given: dict, allowed: set[str], where: str) -> None:
-    """Unknown keys of a nested config dict fail naming the key (Hydra cannot check these)."""
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown key; known: {sorted(allowed)}")
-
-
 class DecoderNet(nn.Module):
     """`forward(x_t, t, img_emb, tokens, drop_image=None) -> prediction` ([B, out_channels, H, W]).
 
@@ -85,10 +78,6 @@ class DecoderNet(nn.Module):
             self.null_image = nn.Parameter(torch.zeros(embed_dim))
         else:
             self.register_buffer("null_image", torch.zeros(embed_dim), persistent=False)
-
-    @property
-    def in_channels(self) -> int:
-        return self.unet.in_channels
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         if self.text is None:
