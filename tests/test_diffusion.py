@@ -135,6 +135,29 @@ def test_hybrid_loss_adds_the_weighted_vlb() -> None:
     torch.testing.assert_close(out["loss"], out["mse"] + 0.01 * 100 * out["vb"])
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_loss_is_the_x0_error_weighted_by_clipped_snr(prediction: str) -> None:
+    """Whatever the network predicts, min-SNR weighting trains min(SNR, gamma) * |x0 - x0_hat|^2."""
+    gamma = 5.0
+    diff = GaussianDiffusion(
+        num_timesteps=1000, prediction=prediction, loss_weighting="min_snr", min_snr_gamma=gamma
+    )
+    x0, noise = torch.rand(8, 3, 4, 4) * 2 - 1, torch.randn(8, 3, 4, 4)
+    t = torch.tensor([1, 20, 100, 300, 500, 700, 900, 990])
+    wrong = torch.randn(8, 3, 4, 4)
+    out = diff.training_losses(lambda x, t_: wrong, x0, t, noise)
+    a = diff.alpha_bar[t].float()
+    snr = a / (1 - a)
+    x0_error = ((out["x0_pred"] - x0) ** 2).flatten(1).mean(1)
+    expected = snr.clamp(max=gamma) * x0_error
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-3, atol=1e-5)
+    # the weighting moves the loss, not the logged mse
+    plain = GaussianDiffusion(num_timesteps=1000, prediction=prediction)
+    torch.testing.assert_close(plain.training_losses(lambda x, t_: wrong, x0, t, noise)["mse"], out["mse"])
+    with pytest.raises(ValueError, match="loss_weighting"):
+        GaussianDiffusion(loss_weighting="snr")
+
+
 # ---- samplers on a toy distribution with a known optimal denoiser -----------------------------
 MIX_MEANS, MIX_STD = torch.tensor([-2.0, 1.5]), 0.3
 

@@ -103,3 +103,42 @@ def test_sweep_summary_labels_jobs_by_the_overrides_that_differ() -> None:
     rows = summary_table(records)
     assert [row[0] for row in rows[1:]] == ["model=prior_diffusion", "model=prior_ar"]
     assert rows[1][rows[0].index("val/cosine")] == "0.9000"
+
+
+def test_a_clip_checkpoint_rebuilds_its_own_architecture_after_the_config_file_changed(
+    tmp_path,
+) -> None:
+    """An architecture file edited after training (unclip-tiny moved from a ViT to a ResNet image
+    tower) must not break loading: the checkpoint's own copy of the architecture wins."""
+    import lightning
+    import open_clip
+
+    from unclip.models.clip import ClipModule
+
+    old_arch = json.loads(json.dumps(open_clip.get_model_config("unclip-tiny")))
+    old_arch["vision_cfg"] = {
+        "image_size": 32,
+        "layers": 1,
+        "width": 32,
+        "head_width": 16,
+        "patch_size": 8,
+    }
+    name = "unclip-test-changed"
+    module = ClipModule(model_name=name, arch=old_arch)
+    path = tmp_path / "clip.ckpt"
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    new_arch = {
+        **old_arch,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+    }
+    ClipModule(model_name=name, arch=new_arch)  # the registry now holds another architecture
+    restored = load_module(path)
+    assert open_clip.get_model_config(name)["vision_cfg"] == old_arch["vision_cfg"]
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], value)

@@ -10,7 +10,9 @@ A CLIP "spec" is one of:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,12 +46,29 @@ class ClipBundle:
 
 
 def register_arch(name: str, config: dict) -> None:
-    """Register an architecture dict under `name` through open_clip's own config registry."""
-    if name in open_clip.list_models():
+    """Register an architecture dict under `name` through open_clip's own config registry. A
+    checkpoint's own architecture wins over a config file of the same name that has changed since."""
+    if name in open_clip.list_models() and open_clip.get_model_config(name) == config:
         return
     folder = Path(tempfile.mkdtemp(prefix="unclip-arch-"))
     (folder / f"{name}.json").write_text(json.dumps(config))
     open_clip.add_model_config(folder)
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" warning where
+    that is intended: a stage trained from scratch, or one whose weights are loaded right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _bundle(model: nn.Module, model_name: str, spec: str) -> ClipBundle:
@@ -95,7 +114,8 @@ def load_clip(spec: str, device: str | torch.device = "cpu") -> ClipBundle:
 def _load_stage_checkpoint(path: Path, device: str | torch.device) -> ClipBundle:
     from unclip.training.module import load_module  # late import: models import this module
 
-    module = load_module(path, map_location=device)
+    with quiet_random_init():
+        module = load_module(path, map_location=device)
     model = getattr(module, "clip", None)
     if model is None:
         raise ValueError(f"{path} is a {type(module).__name__} checkpoint, not a model=clip one")

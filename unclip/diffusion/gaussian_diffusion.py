@@ -23,6 +23,7 @@ from unclip.diffusion.schedules import make_beta_schedule, strided_timesteps
 
 PREDICTIONS = ("eps", "x0", "v")
 SAMPLERS = ("ddpm", "ddim")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,6 +100,10 @@ class GaussianDiffusion(nn.Module):
     prior) or `v` (sqrt(a) eps - sqrt(1-a) x0). learned_variance: the network also outputs, as
     many channels again on dim 1, an interpolation between the posterior variance and beta
     (improved DDPM), trained with the hybrid loss mse + vlb_weight * T * L_vlb.
+    loss_weighting: `uniform` (the plain mse of the prediction) or `min_snr` (Hang et al. 2023,
+    "Efficient Diffusion Training via Min-SNR Weighting"): each timestep weighted as if the loss were
+    on x0 with weight min(SNR, gamma), which stops the nearly clean steps from dominating and
+    converges several times faster on small budgets.
     """
 
     def __init__(
@@ -108,10 +113,18 @@ class GaussianDiffusion(nn.Module):
         prediction: str = "eps",
         learned_variance: bool = False,
         vlb_weight: float = 0.001,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}: choose one of {PREDICTIONS}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting={loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}")
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma={min_snr_gamma}: must be > 0")
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.schedule = schedule
         self.num_timesteps = int(num_timesteps)
         self.prediction = prediction
@@ -192,6 +205,17 @@ class GaussianDiffusion(nn.Module):
         return a.sqrt() * noise - (1 - a).sqrt() * x0
 
     # ---- training ------------------------------------------------------------------------------
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """[B] weight of each sample's mse: min(SNR, gamma) in x0 units, converted to the units of
+        the prediction (eps: / SNR, v: / (SNR + 1)); ones for uniform weighting."""
+        if self.loss_weighting == "uniform":
+            return torch.ones(t.shape, device=t.device)
+        a = self.alpha_bar.to(t.device)[t]
+        snr = a / (1 - a)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        scale = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[self.prediction]
+        return (clipped / scale).float()
+
     def training_losses(
         self,
         model_fn: ModelFn,
@@ -209,12 +233,12 @@ class GaussianDiffusion(nn.Module):
         target = self.training_target(x0, noise, t)
         mse = _mean_flat((prediction.float() - target.float()) ** 2)
         x0_pred, _ = self.predict_x0_eps(prediction.detach(), x_t, t)
-        out = {"mse": mse, "loss": mse, "x0_pred": x0_pred}
+        out = {"mse": mse, "loss": self.loss_weight(t) * mse, "x0_pred": x0_pred}
         if frac is not None:
             # the variance learns through the VLB only: the mean is held fixed (improved DDPM)
             vb = self._vb_term(prediction.detach(), frac, x0, x_t, t)
             out["vb"] = vb
-            out["loss"] = mse + self.vlb_weight * self.num_timesteps * vb
+            out["loss"] = out["loss"] + self.vlb_weight * self.num_timesteps * vb
         return out
 
     def _vb_term(self, prediction, frac, x0, x_t, t) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.clip import clip_pixels, register_arch
+from unclip.clip.factory import quiet_random_init
 from unclip.evaluation.zero_shot import (
     attribute_accuracy,
     predict_attributes,
@@ -40,7 +41,8 @@ class ClipModule(UnclipModule):
         self.save_hyperparameters()
         # keep the architecture in the checkpoint so it loads where the config file is absent
         self.hparams["arch"] = arch
-        self.net = open_clip.create_model(model_name, pretrained=pretrained)
+        with quiet_random_init():  # from scratch, or weights loaded from a checkpoint next
+            self.net = open_clip.create_model(model_name, pretrained=pretrained)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.output_dim = int(self.net.text_projection.shape[-1])
         self.max_logit_scale = max_logit_scale

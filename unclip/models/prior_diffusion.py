@@ -39,7 +39,12 @@ DEFAULT_TEXT_ENCODER: dict[str, Any] = {
     "clip": None,
     "dropout": 0.0,
 }
-DEFAULT_DIFFUSION: dict[str, Any] = {"schedule": "cosine", "num_timesteps": 1000}
+DEFAULT_DIFFUSION: dict[str, Any] = {
+    "schedule": "cosine",
+    "num_timesteps": 1000,
+    "loss_weighting": "uniform",
+    "min_snr_gamma": 5.0,
+}
 DEFAULT_NORMALIZATION: dict[str, Any] = {"kind": "standardize", "max_samples": 10000, "eps": 1e-6}
 DEFAULT_SAMPLING: dict[str, Any] = {
     "steps": 64,
