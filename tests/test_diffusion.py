@@ -153,7 +153,9 @@ def test_min_snr_loss_is_the_x0_error_weighted_by_clipped_snr(prediction: str) -
     torch.testing.assert_close(out["loss"], expected, rtol=1e-3, atol=1e-5)
     # the weighting moves the loss, not the logged mse
     plain = GaussianDiffusion(num_timesteps=1000, prediction=prediction)
-    torch.testing.assert_close(plain.training_losses(lambda x, t_: wrong, x0, t, noise)["mse"], out["mse"])
+    torch.testing.assert_close(
+        plain.training_losses(lambda x, t_: wrong, x0, t, noise)["mse"], out["mse"]
+    )
     with pytest.raises(ValueError, match="loss_weighting"):
         GaussianDiffusion(loss_weighting="snr")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip.training.config_check import check_config
@@ -18,6 +20,13 @@ from unclip.training.config_check import check_config
 log = logging.getLogger(__name__)
 
 CHECKED_GROUPS = ("model", "data", "trainer", "strategy", "logger", "callbacks")
+
+
+# The EMA copy (and a frozen CLIP where a stage has one) stay in eval mode on purpose; Lightning's
+# warning about eval-mode modules at the start of training would only alarm users.
+warnings.filterwarnings(
+    "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
+)
 
 
 def use_job_dir_in_sweeps(cfg: DictConfig) -> None:
