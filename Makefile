@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]" $(TORCH)
 	$(PY) bench/prior_bench.py
 	$(PY) bench/unet_bench.py
+	$(PY) bench/optimizer_bench.py
 
 clean:
 	rm -rf $(VENV) runs outputs multirun
