@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from unclip.diffusion import SAMPLERS, GaussianDiffusion, guide
+from unclip.models.config_keys import check_keys
 from unclip.nn.decoder_net import DecoderNet
 from unclip.training.module import UnclipModule
 
@@ -31,13 +32,6 @@ DEFAULT_SAMPLING: dict[str, Any] = {
 }
 
 Conditioning = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def check_keys(given: dict, allowed: set[str], where: str) -> None:
-    """Unknown keys of a nested config dict fail naming the key (Hydra cannot check these)."""
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown key; known: {sorted(allowed)}")
 
 
 def guidance_drops(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from unclip.evaluation.prior_metrics import prior_metrics
+from unclip.models.config_keys import check_keys
 from unclip.models.prior_ar_tokenizer import EmbeddingTokenizer
 from unclip.nn.prior_ar import ARPriorNet
 from unclip.training.module import UnclipModule
@@ -34,13 +35,6 @@ DEFAULT_SAMPLING: dict[str, Any] = {
     "dot_quantiles": (0.5, 1.0),  # the training quantiles the dot-product token is drawn from
     "best_of": 1,  # samples per caption; the one closest to z_t is kept
 }
-
-
-def check_keys(values: dict | None, known: tuple[str, ...] | dict, key: str) -> dict:
-    unknown = set(values or {}) - set(known)
-    if unknown:
-        raise ValueError(f"unknown {key} keys {sorted(unknown)}; known: {sorted(known)}")
-    return dict(values or {})
 
 
 class ARPriorModule(UnclipModule):

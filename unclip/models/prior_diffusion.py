@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from unclip.diffusion import SAMPLERS, GaussianDiffusion, guide
 from unclip.evaluation.prior_metrics import prior_metrics
+from unclip.models.config_keys import merged
 from unclip.models.embedding_norm import EmbeddingNorm
 from unclip.nn.prior_diffusion import DiffusionPriorNet, Prefix
 from unclip.training.module import UnclipModule
@@ -53,14 +54,6 @@ DEFAULT_SAMPLING: dict[str, Any] = {
     "sampler": "ddpm",
     "eta": 0.0,
 }
-
-
-def merged(defaults: dict[str, Any], given: dict | None, key: str) -> dict[str, Any]:
-    """`given` over `defaults`, refusing keys the defaults do not have (typos in configs)."""
-    unknown = set(given or {}) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown {key} keys {sorted(unknown)}; known: {sorted(defaults)}")
-    return {**defaults, **(given or {})}
 
 
 class DiffusionPriorModule(UnclipModule):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from unclip.data.degradations import build_degradation
 from unclip.diffusion import SAMPLERS, GaussianDiffusion
+from unclip.models.config_keys import check_keys
 from unclip.nn.unet import UNet
 from unclip.training.module import UnclipModule
 
@@ -158,11 +159,7 @@ class UpsamplerModule(UnclipModule):
 
     @staticmethod
     def _check_sampling(sampling: dict) -> dict:
-        unknown = sorted(set(sampling) - set(DEFAULT_SAMPLING))
-        if unknown:
-            raise ValueError(
-                f"model.sampling: unknown keys {unknown}; known: {sorted(DEFAULT_SAMPLING)}"
-            )
+        check_keys(sampling, DEFAULT_SAMPLING, "model.sampling")
         if sampling["sampler"] not in SAMPLERS:
             raise ValueError(
                 f"model.sampling.sampler={sampling['sampler']!r}: choose one of {SAMPLERS}"

@@ -22,13 +22,6 @@ log = logging.getLogger(__name__)
 CHECKED_GROUPS = ("model", "data", "trainer", "strategy", "logger", "callbacks")
 
 
-# The EMA copy (and a frozen CLIP where a stage has one) stay in eval mode on purpose; Lightning's
-# warning about eval-mode modules at the start of training would only alarm users.
-warnings.filterwarnings(
-    "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
-)
-
-
 def use_job_dir_in_sweeps(cfg: DictConfig) -> None:
     """In a multirun every job gets its own run directory (the sweep's job folder)."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -100,6 +93,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train one stage; returns (and writes to `run_dir/metrics.json`) the final metrics."""
     use_job_dir_in_sweeps(cfg)
+    # the EMA copy (and a frozen CLIP where a stage has one) are in eval mode on purpose: Lightning's
+    # warning about eval-mode modules at the start of training would only alarm users
+    warnings.filterwarnings(
+        "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
+    )
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     model, datamodule, trainer = build(cfg)
