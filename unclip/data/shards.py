@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
 
 from unclip.data.format import FileSelector, is_remote, local_path
+from unclip.data.tar_reader import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def raw_samples(
 ) -> Iterator[dict[str, Any]]:
     """Samples as dicts of raw bytes holding only the members of `fields` (plus `__key__` and
     `__url__`): other members are never read, so no decoder ever sees them."""
-    return tarfile_samples(shards, handler=handler, select_files=FileSelector(fields))
+    selector = FileSelector(fields)
+    for shard in shards:
+        yield from tar_samples(shard["url"], handler, selector)
 
 
 def in_order(urls: Iterable[str]) -> Iterator[dict[str, str]]:

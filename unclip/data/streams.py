@@ -16,6 +16,7 @@ from itertools import islice
 from typing import Any
 
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from unclip.data.decoding import BadSample, DataError, SampleDecoder, SkipTracker
@@ -26,6 +27,8 @@ TENSOR_FIELDS = frozenset({"image", "img_emb", "txt_emb"})
 # Resampled shard draws without a single sample or error, per shard, before the stream gives up:
 # with n shards of which one holds data, 20n draws all miss it with probability about e^-20.
 EMPTY_DRAWS_PER_SHARD = 20
+# Samples held before the shuffle buffer yields its first one (webdataset's default).
+SHUFFLE_INITIAL = 100
 
 
 class Collate:
@@ -43,21 +46,15 @@ class Collate:
         return batch
 
 
-def shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
-    """Shuffle a stream through a buffer of `buffer` items (0 or 1: unshuffled)."""
+def shuffled(
+    items: Iterator[Any], buffer: int, rng: random.Random, initial: int = SHUFFLE_INITIAL
+) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of `buffer` items (0 or 1: unshuffled), with webdataset's
+    own shuffle: it starts yielding once `initial` items are held and grows the buffer to full size
+    as it goes, so the first batch does not wait for the whole buffer to fill."""
     if buffer <= 1:
-        yield from items
-        return
-    pool: list[Any] = []
-    for item in items:
-        if len(pool) < buffer:
-            pool.append(item)
-            continue
-        index = rng.randrange(len(pool))
-        yield pool[index]
-        pool[index] = item
-    rng.shuffle(pool)
-    yield from pool
+        return items
+    return wds.filters.shuffle(buffer, min(initial, buffer), rng=rng)(items)
 
 
 def decoded(

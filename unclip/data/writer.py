@@ -22,7 +22,9 @@ from PIL import Image
 from unclip.data.format import EMBEDDING_FIELDS, FIELD_EXTENSIONS, IMAGE_EXTENSIONS
 
 EMBED_DTYPES = ("float16", "float32")
-TAR_OPTIONS = {"mtime": 0.0, "user": "unclip", "group": "unclip", "mode": 0o0644, "encoder": False}
+# An integer mtime keeps every member a plain ustar header: a float one (webdataset's default type)
+# makes tarfile add a PAX record per member, which doubles the shard and slows every reader.
+TAR_OPTIONS = {"mtime": 0, "user": "unclip", "group": "unclip", "mode": 0o0644, "encoder": False}
 
 
 def npy_bytes(vector: np.ndarray | torch.Tensor, dtype: str) -> bytes:
