@@ -53,17 +53,17 @@ class DPMSolverConfig:
 SamplerFn = Callable[..., torch.Tensor]
 
 
-class Sampler(NamedTuple):
+class RegisteredSampler(NamedTuple):
     fn: SamplerFn
     config: type
 
 
-SAMPLERS: dict[str, Sampler] = {}
+SAMPLERS: dict[str, RegisteredSampler] = {}
 
 
 def register(name: str, config: type) -> Callable[[SamplerFn], SamplerFn]:
     def add(fn: SamplerFn) -> SamplerFn:
-        SAMPLERS[name] = Sampler(fn, config)
+        SAMPLERS[name] = RegisteredSampler(fn, config)
         return fn
 
     return add
