@@ -168,7 +168,8 @@ def format_table(
             f"{group:<10} {int(row.get('images', 0)):>6}  "
             f"{_pct(row.get('colour')) + marks.get('colour', ''):>15}  "
             f"{_pct(row.get('shape')) + marks.get('shape', ''):>12}  "
-            f"{fit.get('prior', float('nan')):>18.3f}  {fit.get('text_baseline', float('nan')):>13.3f}"
+            f"{fit.get('cosine', float('nan')):>18.3f}  "
+            f"{fit.get('text_baseline_cosine', float('nan')):>13.3f}"
         )
     bar_text = ", ".join(f"{name} >= {100 * bar:.0f}%" for name, bar in bars.items())
     lines.append(f"bars on held-in captions: {bar_text}")

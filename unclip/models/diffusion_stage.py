@@ -79,11 +79,11 @@ class DiffusionStage(UnclipModule):
         sampler_part = {
             k: v for k, v in merged.items() if k not in stage_keys and (k in reads or k in given)
         }
+        build_config(config_cls, {k: v for k, v in sampler_part.items() if k in reads}, where)
         try:
             _, config = samplers.resolve({"sampler": stage.sampler, **sampler_part}, where)
         except (TypeError, ValueError) as error:
             raise ConfigError(str(error)) from error
-        build_config(config_cls, {k: v for k, v in sampler_part.items() if k in reads}, where)
         return {**dataclasses.asdict(stage), **dataclasses.asdict(config)}
 
     def sampling_settings(self, **call_arguments: Any) -> dict[str, Any]:
