@@ -30,7 +30,12 @@ from unclip.training.config_check import ConfigError, build_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiffusionPriorModule", "DiffusionPriorSampling", "best_by_dot_product"]
+__all__ = [
+    "DiffusionPriorConfig",
+    "DiffusionPriorModule",
+    "DiffusionPriorSampling",
+    "best_by_dot_product",
+]
 
 
 @dataclass
@@ -48,20 +53,38 @@ class DiffusionPriorSampling:
             raise ValueError(f"best_of must be at least 1, got {self.best_of}")
 
 
-class DiffusionPriorModule(DiffusionStage):
-    """Every argument is a `model.*` config key:
+@dataclass
+class DiffusionPriorConfig:
+    """The diffusion prior's top-level `model.<key>` settings (the paper's values);
+    conf/model/prior_diffusion*.yaml override them."""
 
-    embed_dim: CLIP embedding size (checked against the shards' meta.json at start-up).
+    # CLIP embedding size (checked against the shards' meta.json at start-up)
+    embed_dim: int
+    name: str = "prior_diffusion"
+    # how often the caption and z_t are replaced by learned nulls in training (paper: 10%)
+    text_drop_prob: float = 0.1
+    # L2-normalise sampled embeddings, like the embed tool's shards
+    unit_norm_output: bool = True
+    # seed of the validation noise, so validation metrics are comparable across steps
+    val_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"model.embed_dim must be positive, got {self.embed_dim}")
+        if not 0.0 <= self.text_drop_prob < 1.0:
+            raise ValueError(f"model.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
+
+
+class DiffusionPriorModule(DiffusionStage):
+    """`settings`: DiffusionPriorConfig's keys. The blocks:
+
     net: DiffusionPriorNetConfig. text_encoder: CaptionEncoderConfig, mode "own" (trained with
         the prior) or "clip" (frozen token states of the CLIP named by `clip`, a load_clip spec).
     diffusion: schedule, num_timesteps, loss weighting (the prediction is always x0, as in the
         paper). normalization: EmbeddingNormConfig, kind "standardize" (per-dimension statistics
         of the first `max_samples` training embeddings, fitted once and saved in the checkpoint)
         or "l2" (z/|z| * sqrt(d)).
-    text_drop_prob: how often the caption and z_t are replaced by learned nulls in training.
     sampling: DiffusionPriorSampling plus the sampler's settings.
-    unit_norm_output: L2-normalise sampled embeddings, like the embed tool's shards.
-    val_seed: seed of the validation noise, so validation metrics are comparable across steps.
     """
 
     data_fields = ["txt", "img_emb", "txt_emb"]
@@ -72,32 +95,35 @@ class DiffusionPriorModule(DiffusionStage):
         "text_encoder": CaptionEncoderConfig,
         "normalization": EmbeddingNormConfig,
     }
+    settings_config = DiffusionPriorConfig
 
     def __init__(
         self,
-        embed_dim: int = 64,
-        name: str = "prior_diffusion",
         net: dict | None = None,
         text_encoder: dict | None = None,
         diffusion: dict | None = None,
         normalization: dict | None = None,
-        text_drop_prob: float = 0.1,
         sampling: dict | None = None,
-        unit_norm_output: bool = True,
-        val_seed: int = 0,
         optim: dict | None = None,
         ema: dict | None = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(optim, ema, diffusion, sampling, val_seed)
-        self.save_hyperparameters()
-        if embed_dim < 1:
-            raise ValueError(f"model.embed_dim must be positive, got {embed_dim}")
-        if not 0.0 <= text_drop_prob < 1.0:
-            raise ValueError(f"model.text_drop_prob must be in [0, 1), got {text_drop_prob}")
-        self.name = name
-        self.embed_dim = int(embed_dim)
-        self.text_drop_prob = float(text_drop_prob)
-        self.unit_norm_output = bool(unit_norm_output)
+        config = self.build_settings(settings)
+        super().__init__(optim, ema, diffusion, sampling, config.val_seed)
+        self.save_settings(
+            config,
+            net=net,
+            text_encoder=text_encoder,
+            diffusion=diffusion,
+            normalization=normalization,
+            sampling=sampling,
+            optim=optim,
+            ema=ema,
+        )
+        self.name = config.name
+        self.embed_dim = int(config.embed_dim)
+        self.text_drop_prob = float(config.text_drop_prob)
+        self.unit_norm_output = bool(config.unit_norm_output)
         norm_cfg = build_config(EmbeddingNormConfig, normalization, "model.normalization")
         self.stats_samples = int(norm_cfg.max_samples)
         self.embedding_norm = EmbeddingNorm(norm_cfg.kind, self.embed_dim, norm_cfg.eps)
