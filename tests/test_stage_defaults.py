@@ -13,9 +13,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from unclip.training.config_check import ConfigError, check_config
-from unclip.training.run import CHECKED_GROUPS
-
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TINY = ["clip", "decoder", "prior_ar", "prior_diffusion", "upsampler"]
@@ -86,26 +83,9 @@ def test_a_stage_default_changed_in_its_dataclass_changes_what_train_builds(
     assert instantiate(model, _convert_="all").crop_size == round(
         model["image_size"] * UpsamplerConfig.crop_fraction
     )
-    names = [
-        f.name for f in dataclasses.fields(UpsamplerConfig) if f.name in defaults(UpsamplerConfig)
-    ]
-    changed = tuple(0.5 if n == "crop_fraction" else defaults(UpsamplerConfig)[n] for n in names)
+    # __defaults__ holds the defaulted fields' values, in field order
+    changed = tuple(
+        0.5 if k == "crop_fraction" else v for k, v in defaults(UpsamplerConfig).items()
+    )
     monkeypatch.setattr(UpsamplerConfig.__init__, "__defaults__", changed)
     assert instantiate(model, _convert_="all").crop_size == round(model["image_size"] * 0.5)
-
-
-@pytest.mark.parametrize(
-    ("option", "override", "message"),
-    [
-        ("prior_ar", "+model.num_componets=3", r"model\.num_componets: unknown key"),
-        ("prior_ar", "model.num_buckets=many", r"model\.num_buckets: expected int"),
-        ("decoder", "~model.image_size", r"model\.image_size: required"),
-        ("upsampler", "+model.resize_mode=nearest", r"model\.resize_mode='nearest'"),
-        ("clip", "+model.max_logit_scale=big", r"model\.max_logit_scale: expected float"),
-    ],
-)
-def test_stage_settings_name_the_bad_key_at_start_up(option: str, override: str, message: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={option}", override])
-    with pytest.raises((ConfigError, ValueError), match=message):
-        check_config(cfg, CHECKED_GROUPS)

@@ -27,7 +27,7 @@ from unclip.models.captions import build_caption_encoder
 from unclip.models.selection import best_by_dot_product
 from unclip.nn.ar_prior_net import ARPriorNet, ARPriorNetConfig
 from unclip.nn.caption_encoder import CaptionEncoderConfig
-from unclip.training.config_check import build_config
+from unclip.training.config_check import ConfigError, build_config
 from unclip.training.module import UnclipModule
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ class ARPriorConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.text_drop_prob < 1.0:
-            raise ValueError(f"model.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
+            raise ConfigError(f"model.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
         if self.fit_samples < 1:
-            raise ValueError(f"model.fit_samples must be at least 1, got {self.fit_samples}")
+            raise ConfigError(f"model.fit_samples must be at least 1, got {self.fit_samples}")
 
 
 class ARPriorModule(UnclipModule):
@@ -106,9 +106,7 @@ class ARPriorModule(UnclipModule):
     ) -> None:
         super().__init__(optim, ema)
         config = self.build_settings(settings)
-        self.save_settings(
-            config, net=net, text_encoder=text_encoder, sampling=sampling, optim=optim, ema=ema
-        )
+        self.save_settings(config)
         self.name = config.name
         self.embed_dim = config.embed_dim
         self.fit_samples = config.fit_samples

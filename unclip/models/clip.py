@@ -58,7 +58,7 @@ class ClipModule(UnclipModule):
         elif model_name in open_clip.list_models():
             arch = open_clip.get_model_config(model_name)
         # the architecture stays in the checkpoint so it loads where the config file is absent
-        self.save_settings(config, arch=arch, zero_shot=zero_shot, optim=optim, ema=ema)
+        self.save_settings(config)
         self.name = config.name
         with quiet_random_init():  # from scratch, or weights loaded from a checkpoint next
             self.net = open_clip.create_model(model_name, pretrained=config.pretrained)

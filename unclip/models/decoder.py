@@ -103,15 +103,7 @@ class DecoderModule(DiffusionStage):
     ) -> None:
         config = self.build_settings(settings)
         super().__init__(optim, ema, diffusion, sampling, config.val_seed)
-        self.save_settings(
-            config,
-            net=net,
-            diffusion=diffusion,
-            guidance=guidance,
-            sampling=sampling,
-            optim=optim,
-            ema=ema,
-        )
+        self.save_settings(config)
         self.name = config.name
         self.embed_dim = int(config.embed_dim)
         self.image_size = int(config.image_size)

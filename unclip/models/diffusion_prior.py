@@ -70,9 +70,9 @@ class DiffusionPriorConfig:
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
-            raise ValueError(f"model.embed_dim must be positive, got {self.embed_dim}")
+            raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
         if not 0.0 <= self.text_drop_prob < 1.0:
-            raise ValueError(f"model.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
+            raise ConfigError(f"model.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
 
 
 class DiffusionPriorModule(DiffusionStage):
@@ -110,16 +110,7 @@ class DiffusionPriorModule(DiffusionStage):
     ) -> None:
         config = self.build_settings(settings)
         super().__init__(optim, ema, diffusion, sampling, config.val_seed)
-        self.save_settings(
-            config,
-            net=net,
-            text_encoder=text_encoder,
-            diffusion=diffusion,
-            normalization=normalization,
-            sampling=sampling,
-            optim=optim,
-            ema=ema,
-        )
+        self.save_settings(config)
         self.name = config.name
         self.embed_dim = int(config.embed_dim)
         self.text_drop_prob = float(config.text_drop_prob)

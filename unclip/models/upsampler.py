@@ -96,16 +96,16 @@ class UpsamplerConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.low_res_size < self.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model.low_res_size ({self.low_res_size}) must be positive and below "
                 f"model.image_size ({self.image_size})"
             )
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"model.resize_mode={self.resize_mode!r}: choose one of {RESIZE_MODES}"
             )
         if not 0 < self.crop_fraction <= 1:
-            raise ValueError(f"model.crop_fraction must be in (0, 1], got {self.crop_fraction}")
+            raise ConfigError(f"model.crop_fraction must be in (0, 1], got {self.crop_fraction}")
 
 
 class UpsamplerModule(DiffusionStage):
@@ -142,15 +142,7 @@ class UpsamplerModule(DiffusionStage):
     ) -> None:
         config = self.build_settings(settings)
         super().__init__(optim, ema, diffusion, sampling, config.val_seed)
-        self.save_settings(
-            config,
-            unet=unet,
-            diffusion=diffusion,
-            degradation=degradation,
-            sampling=sampling,
-            optim=optim,
-            ema=ema,
-        )
+        self.save_settings(config)
         self.name = config.name
         self.image_size = int(config.image_size)
         self.low_res_size = int(config.low_res_size)

@@ -105,10 +105,14 @@ class UnclipModule(L.LightningModule):
         """`settings_config` from the scalar `model.<key>` settings: its defaults, overridden."""
         return build_config(cls.settings_config, settings, where, also_known=cls.block_names())
 
-    def save_settings(self, settings: Any, **blocks: Any) -> None:
+    def save_settings(self, settings: Any) -> None:
         """Checkpoint the effective scalar settings (a later change of a default does not move
-        an old checkpoint) beside the nested blocks as given: plain containers, `weights_only`
-        loading, and `cls(**hparams)` rebuilds the stage."""
+        an old checkpoint) beside the nested blocks as the constructor holds them: plain
+        containers, `weights_only` loading, and `cls(**hparams)` rebuilds the stage. Called
+        from the stage's `__init__`, whose blocks it reads (as Lightning's
+        `save_hyperparameters` reads its arguments)."""
+        caller = inspect.currentframe().f_back.f_locals
+        blocks = {name: caller[name] for name in self.block_names()}
         self.save_hyperparameters({**dataclasses.asdict(settings), **blocks})
 
     def generator(self, seed: int) -> torch.Generator:
