@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.config_keys import check_keys
+from unclip.models.prior_variants import log_prior_variants, variants_config
 from unclip.models.prior_ar_tokenizer import EmbeddingTokenizer
 from unclip.nn.prior_ar import ARPriorNet
 from unclip.training.module import UnclipModule
@@ -55,11 +56,13 @@ class ARPriorModule(UnclipModule):
         text_drop_prob: float = 0.1,
         sampling: dict | None = None,
         val_sample_batches: int | None = 1,
+        val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
     ) -> None:
         super().__init__(optim, ema)
         self.save_hyperparameters()
+        self.val_variants = variants_config(val_variants, has_steps=False)
         if not 0.0 <= text_drop_prob < 1.0:
             raise ValueError(f"model.text_drop_prob must be in [0, 1), got {text_drop_prob}")
         if fit_samples < 1:
@@ -161,6 +164,14 @@ class ARPriorModule(UnclipModule):
         sampled = self.sample(batch["txt"], txt_emb, generator=generator)
         for key, value in prior_metrics(sampled, img_emb, txt_emb).items():
             self.log(f"val/{key}", value, batch_size=size, sync_dist=True)
+        log_prior_variants(
+            self,
+            batch,
+            batch_idx,
+            lambda captions, txt_emb, steps: self.sample(
+                captions, txt_emb, torch.Generator(device=self.device).manual_seed(batch_idx)
+            ),
+        )
 
     # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,6 +19,7 @@ from unclip.diffusion import SAMPLERS, GaussianDiffusion, guide
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.config_keys import merged
 from unclip.models.embedding_norm import EmbeddingNorm
+from unclip.models.prior_variants import log_prior_variants, variants_config
 from unclip.nn.prior_diffusion import DiffusionPriorNet, Prefix
 from unclip.training.module import UnclipModule
 
@@ -71,6 +72,8 @@ class DiffusionPriorModule(UnclipModule):
         used for the validation samples.
     unit_norm_output: L2-normalise sampled embeddings, like the embed tool's shards.
     val_seed: seed of the validation noise, so validation metrics are comparable across steps.
+    val_variants: {steps: [...], weights: [ema, online]}: the validation metric set again at these
+        sampling step counts for these weights (first validation batch), `val/ema/steps16/cosine`.
     """
 
     data_fields = ["txt", "img_emb", "txt_emb"]
@@ -87,11 +90,13 @@ class DiffusionPriorModule(UnclipModule):
         sampling: dict | None = None,
         unit_norm_output: bool = True,
         val_seed: int = 0,
+        val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
     ) -> None:
         super().__init__(optim, ema)
         self.save_hyperparameters()
+        self.val_variants = variants_config(val_variants, has_steps=True)
         if embed_dim < 1:
             raise ValueError(f"model.embed_dim must be positive, got {embed_dim}")
         if not 0.0 <= text_drop_prob < 1.0:
@@ -182,6 +187,14 @@ class DiffusionPriorModule(UnclipModule):
         metrics = prior_metrics(sampled, batch["img_emb"], batch["txt_emb"])
         for key, value in metrics.items():
             self.log(f"val/{key}", value, batch_size=size, sync_dist=True, prog_bar=key == "cosine")
+        log_prior_variants(
+            self,
+            batch,
+            batch_idx,
+            lambda captions, txt_emb, steps: self.sample(
+                captions, txt_emb, torch.Generator().manual_seed(self.val_seed), steps=steps
+            ),
+        )
 
     # ---- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
