@@ -200,3 +200,38 @@ def eval_clip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("eval_clip") / "tiny_clip.pt"
     torch.save(model.state_dict(), path)
     return f"{path}:{EVAL_CLIP_ARCH}"
+
+
+NUM_EVAL_SAMPLES = 160
+
+
+@pytest.fixture(scope="session")
+def eval_shards(eval_clip_spec: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """160 shapes val images at 32 px with their `eval_clip_spec` embeddings, in two shards
+    (`val-*.tar`) with a meta.json naming that CLIP."""
+    import torch
+
+    from unclip.clip import encode_images, encode_texts, load_clip
+    from unclip.sampling.grid import to_pil
+
+    out = tmp_path_factory.mktemp("eval_emb")
+    bundle = load_clip(eval_clip_spec)
+    images, captions, _ = shapes_batch("val", NUM_EVAL_SAMPLES)
+    with torch.no_grad():
+        img_emb = encode_images(bundle.model, bundle.preprocess, images)
+        txt_emb = encode_texts(bundle.model, bundle.tokenizer, captions)
+    half = NUM_EVAL_SAMPLES // 2
+    for shard, rows in enumerate((range(half), range(half, NUM_EVAL_SAMPLES))):
+        with AtomicShardWriter(out / f"val-{shard:06d}.tar") as writer:
+            for i in rows:
+                writer.write(
+                    {
+                        "__key__": f"val{i:05d}",
+                        "image": to_pil(images[i]),
+                        "txt": captions[i],
+                        "img_emb": img_emb[i].numpy().astype(np.float16),
+                        "txt_emb": txt_emb[i].numpy().astype(np.float16),
+                    }
+                )
+    write_json_atomic(out / "meta.json", embedding_meta(eval_clip_spec, img_emb.shape[1]))
+    return out

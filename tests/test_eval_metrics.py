@@ -10,13 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.transforms.functional import gaussian_blur
 
-from conftest import EVAL_IMAGE_SIZE, shapes_batch
-from unclip.clip import encode_texts
-from unclip.data.format import embedding_meta, write_json_atomic
-from unclip.data.writer import AtomicShardWriter
+from conftest import EVAL_IMAGE_SIZE, NUM_EVAL_SAMPLES
 from unclip.evaluation.features import ClipImageFeatures, load_features
 from unclip.evaluation.image_metrics import (
     INCEPTION_SKIPPED,
@@ -25,41 +21,9 @@ from unclip.evaluation.image_metrics import (
     score_images,
 )
 from unclip.evaluation.reference import CACHE_FOLDER, reference_features
-from unclip.sampling.grid import to_pil
 from unclip.sampling.shard_samples import read_samples
 
-NUM_VAL = 160
-
-
-def write_embedded_shards(out: Path, clip_spec: str, count: int = NUM_VAL) -> Path:
-    """Shapes val images with their CLIP embeddings, two shards and a meta.json naming the CLIP."""
-    from unclip.clip import load_clip
-
-    bundle = load_clip(clip_spec)
-    images, captions, _ = shapes_batch("val", count)
-    with torch.no_grad():
-        img_emb = ClipImageFeatures(bundle)(images)
-        txt_emb = encode_texts(bundle.model, bundle.tokenizer, captions)
-    half = count // 2
-    for shard, rows in enumerate((range(half), range(half, count))):
-        with AtomicShardWriter(out / f"val-{shard:06d}.tar") as writer:
-            for i in rows:
-                writer.write(
-                    {
-                        "__key__": f"val{i:05d}",
-                        "image": to_pil(images[i]),
-                        "txt": captions[i],
-                        "img_emb": img_emb[i].numpy().astype(np.float16),
-                        "txt_emb": txt_emb[i].numpy().astype(np.float16),
-                    }
-                )
-    write_json_atomic(out / "meta.json", embedding_meta(clip_spec, img_emb.shape[1]))
-    return out
-
-
-@pytest.fixture(scope="module")
-def eval_shards(eval_clip_spec: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_embedded_shards(tmp_path_factory.mktemp("eval_emb"), eval_clip_spec)
+NUM_VAL = NUM_EVAL_SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -134,19 +98,23 @@ def test_reference_statistics_are_cached_reused_and_invalidated_by_a_new_feature
     assert torch.equal(again.features, first.features)
     assert again.facts["feature_model"] == eval_clip_spec and again.facts["weights_sha1"]
 
-    # the same spec but retrained weights (a last.ckpt overwritten), and another model altogether
+    # the same spec, retrained weights (a last.ckpt overwritten): recomputed
     weights_path, arch = eval_clip_spec.rsplit(":", 1)
     state = torch.load(weights_path, weights_only=True)
-    changed = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
-    other_path = tmp_path / "other.pt"
-    torch.save(changed, other_path)
-    other = reference(eval_shards, load_features(f"{other_path}:{arch}", shards))
-    assert not other.reused and other.path != first.path
-    assert not torch.allclose(other.features, first.features)
-    torch.save(changed, weights_path.replace(".pt", "-copy.pt"))
-    retrained = load_features(eval_clip_spec, shards)
-    retrained.fingerprint = other.facts["weights_sha1"]  # same name, other weights
-    assert reference(eval_shards, retrained).path != first.path
+    generator = torch.Generator().manual_seed(0)
+    changed = {
+        k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in state.items()
+    }
+    own_copy = tmp_path / "clip.pt"
+    torch.save(state, own_copy)
+    spec = f"{own_copy}:{arch}"
+    before = reference(eval_shards, load_features(spec, shards))
+    torch.save(changed, own_copy)
+    after = reference(eval_shards, load_features(spec, shards))
+    assert not after.reused and after.path not in (first.path, before.path)
+    assert not torch.allclose(after.features, before.features)
+    assert reference(eval_shards, load_features(spec, shards)).reused
     # a folder elsewhere when asked (read-only shards)
     elsewhere = reference(eval_shards, first_model, cache_dir=tmp_path / "cache")
     assert not elsewhere.reused and elsewhere.path.parent == tmp_path / "cache"

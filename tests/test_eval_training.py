@@ -1,0 +1,149 @@
+"""Image metrics during training: a decoder run with `eval.enabled=true` logs eval/fid_clip,
+eval/kid_clip and eval/clip_score to the CSV logger and TensorBoard's event file (read back here),
+and a prior run is scored through that decoder, beside its own prior metric set."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import EVAL_IMAGE_SIZE
+from unclip.training.run import train
+from unclip.training.summary import collect, summary_table
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EVAL_KEYS = ("eval/fid_clip", "eval/kid_clip", "eval/clip_score")
+
+
+def run(overrides: list[str]) -> dict[str, float]:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return train(compose("train", overrides=overrides))
+
+
+def common(shards: Path, runs: Path, name: str) -> list[str]:
+    return [
+        "data=shapes_emb",
+        "trainer=cpu",
+        "logger=[csv,tensorboard]",
+        "callbacks=[model_checkpoint]",
+        f"paths.runs_dir={runs}",
+        f"run_name={name}",
+        f"data.train_shards={shards}/val-*.tar",
+        f"data.val_shards={shards}/val-*.tar",
+        f"data.image_size={EVAL_IMAGE_SIZE}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.shuffle_buffer=0",
+        "data.val_max_samples=16",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "model.embed_dim=32",
+        "eval.enabled=true",
+        "eval.every_n_steps=2",
+        "eval.num_samples=12",
+        "eval.steps=2",
+        "eval.reference_samples=48",
+        "eval.kid_subset_size=12",
+        "eval.kid_subsets=5",
+        "eval.grid_samples=2",
+    ]
+
+
+DECODER = [
+    "model=decoder",
+    f"model.image_size={EVAL_IMAGE_SIZE}",
+    "model.net.unet.model_channels=8",
+    "model.net.unet.channel_mult=[1,2]",
+    "model.net.unet.attention_resolutions=[16]",
+    "model.net.unet.num_head_channels=8",
+    "model.net.text.width=8",
+    "model.net.text.context_length=8",
+    "model.net.text.layers=1",
+    "trainer.max_steps=4",
+]
+
+
+def csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    (path,) = run_dir.glob("csv/**/metrics.csv")
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = run_dir.glob("tensorboard/**/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return {
+        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    } | {"__images__": accumulator.Tags()["images"]}
+
+
+@pytest.fixture(scope="module")
+def decoder_run(eval_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    metrics = run(common(eval_shards, runs, "decoder-eval") + DECODER)
+    assert all(math.isfinite(metrics[key]) for key in EVAL_KEYS)  # in the run's final metrics
+    return runs / "decoder-eval"
+
+
+def test_a_decoder_run_with_eval_logs_fid_kid_clip_score_to_csv_and_tensorboard(
+    decoder_run: Path, eval_shards: Path
+) -> None:
+    rows = csv_rows(decoder_run)
+    for key in EVAL_KEYS:
+        steps = [int(r["step"]) for r in rows if r.get(key)]
+        assert steps == [2, 4], (key, steps)  # every eval.every_n_steps
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert all(math.isfinite(v) for v in values)
+    clip_scores = [float(r["eval/clip_score"]) for r in rows if r.get("eval/clip_score")]
+    assert all(0 <= v <= 100 for v in clip_scores)
+    # an untrained decoder's images are far from real ones
+    fids = [float(r["eval/fid_clip"]) for r in rows if r.get("eval/fid_clip")]
+    assert min(fids) > 0.1
+    scalars = tensorboard_scalars(decoder_run)
+    for key in EVAL_KEYS:
+        assert [step for step, _ in scalars[key]] == [2, 4]
+    csv_fid = [float(r["eval/fid_clip"]) for r in rows if r.get("eval/fid_clip")]
+    assert [v for _, v in scalars["eval/fid_clip"]] == pytest.approx(csv_fid, rel=1e-5)
+    assert "eval/samples" in scalars["__images__"]
+    # the reference statistics were cached beside the shards, with their facts
+    cached = sorted(p.suffix for p in (eval_shards / "eval_reference").iterdir())
+    assert ".json" in cached and ".npy" in cached
+    assert list((decoder_run / "samples").glob("eval-step*.png"))  # the grid, for CSV logging
+
+
+def test_a_prior_run_is_scored_through_a_decoder_and_the_sweep_table_carries_both(
+    eval_shards: Path, decoder_run: Path, tmp_path: Path
+) -> None:
+    checkpoint = sorted((decoder_run / "checkpoints").glob("*.ckpt"))[-1]
+    prior = [
+        "model=prior_diffusion",
+        "model.net.width=32",
+        "model.net.layers=1",
+        "model.text_encoder.width=32",
+        "model.text_encoder.layers=1",
+        "model.normalization.max_samples=64",
+        "model.sampling.steps=4",
+        "model.val_variants.steps=[2]",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        f"eval.decoder={checkpoint}",
+        "eval.prior_sampling={steps: 2}",
+    ]
+    metrics = run(common(eval_shards, tmp_path, "prior-eval") + prior)
+    for key in (*EVAL_KEYS, "eval/prior_cosine", "eval/prior_unrelated_cosine"):
+        assert math.isfinite(metrics[key]), key
+    assert "val/online/steps2/cosine" in metrics and "val/unrelated_cosine" in metrics
+    # the multirun summary shows the eval/* columns beside val/*
+    record = collect(tmp_path)
+    assert len(record) == 1
+    header = summary_table(record)[0]
+    assert {"eval/fid_clip", "eval/clip_score", "val/cosine", "val/unrelated_cosine"} <= set(header)
