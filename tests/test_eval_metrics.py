@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import EVAL_IMAGE_SIZE, NUM_EVAL_SAMPLES
 from torchvision.transforms.functional import gaussian_blur
 
-from conftest import EVAL_IMAGE_SIZE, NUM_EVAL_SAMPLES
 from unclip.evaluation.features import ClipImageFeatures, load_features
 from unclip.evaluation.image_metrics import (
     INCEPTION_SKIPPED,
@@ -28,7 +28,9 @@ NUM_VAL = NUM_EVAL_SAMPLES
 
 @pytest.fixture(scope="module")
 def real(eval_shards: Path) -> dict:
-    return read_samples(str(eval_shards / "val-*.tar"), ["image", "txt"], NUM_VAL, image_size=EVAL_IMAGE_SIZE)
+    return read_samples(
+        str(eval_shards / "val-*.tar"), ["image", "txt"], NUM_VAL, image_size=EVAL_IMAGE_SIZE
+    )
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import EVAL_IMAGE_SIZE
 from hydra import compose, initialize_config_dir
 
-from conftest import EVAL_IMAGE_SIZE
 from unclip.training.run import train
 from unclip.training.summary import collect, summary_table
 

@@ -39,7 +39,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 
@@ -66,7 +68,11 @@ class ClipImageFeatures(nn.Module):
 
     @property
     def facts(self) -> dict[str, str | int]:
-        return {"feature_model": self.spec, "weights_sha1": self.fingerprint, "dim": self.num_features}
+        return {
+            "feature_model": self.spec,
+            "weights_sha1": self.fingerprint,
+            "dim": self.num_features,
+        }
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

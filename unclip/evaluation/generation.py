@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,4 +158,3 @@ class Evaluator:
         fid, reference = self.inception
         fid.reset()  # keeps the real statistics (reset_real_features=False), drops the fakes
         return fid, reference
-

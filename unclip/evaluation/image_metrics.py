@@ -56,7 +56,7 @@ def manifold_precision_recall(
 
     distances = torch.cdist(fake, real)  # [F, R]
     precision = (distances <= radii(real)[None]).any(dim=1).double().mean()
-    recall = (distances.T <= radii(fake)[None]).any(dim=1).double().mean()
+    recall = (radii(fake)[None] >= distances.T).any(dim=1).double().mean()
     return float(precision), float(recall)
 
 
@@ -121,7 +121,9 @@ class GenerationMetrics:
             text_features = self.features.encode_texts(captions).to(image_features.device)
             self._scores.append(clip_score(image_features, text_features).cpu())
         if self.inception is not None:
-            self.inception[0].update(((images + 1) * 127.5).round().clamp(0, 255).byte(), real=False)
+            self.inception[0].update(
+                ((images + 1) * 127.5).round().clamp(0, 255).byte(), real=False
+            )
 
     @torch.no_grad()
     def compute(self) -> dict[str, float]:
@@ -160,7 +162,9 @@ def inception_fid(
         log.info(INCEPTION_SKIPPED)
         return None
     if not Path(weights_path).is_file():
-        raise FileNotFoundError(f"eval.feature_extractor_weights_path={weights_path!r}: no such file")
+        raise FileNotFoundError(
+            f"eval.feature_extractor_weights_path={weights_path!r}: no such file"
+        )
     try:
         fid = FrechetInceptionDistance(
             feature=2048, reset_real_features=False, feature_extractor_weights_path=weights_path

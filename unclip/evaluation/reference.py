@@ -47,7 +47,9 @@ def shard_facts(urls: Sequence[str]) -> list[dict[str, Any]]:
             facts.append({"url": url})
             continue
         stat = local_path(url).stat()
-        facts.append({"file": local_path(url).name, "bytes": stat.st_size, "mtime": int(stat.st_mtime)})
+        facts.append(
+            {"file": local_path(url).name, "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
+        )
     return facts
 
 
@@ -92,7 +94,10 @@ def reference_features(
     log.info("computing reference features of %d real images of %s", num_samples, shards)
     images = read_samples(urls, ["image"], num_samples, image_size=image_size)["image"]
     computed = torch.cat(
-        [features(images[i : i + batch_size]).double().cpu() for i in range(0, len(images), batch_size)]
+        [
+            features(images[i : i + batch_size]).double().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npy")

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.config_keys import check_keys
-from unclip.models.prior_variants import log_prior_variants, variants_config
 from unclip.models.prior_ar_tokenizer import EmbeddingTokenizer
+from unclip.models.prior_variants import log_prior_variants, variants_config
 from unclip.nn.prior_ar import ARPriorNet
 from unclip.training.module import UnclipModule
 

@@ -72,7 +72,9 @@ class GenerationEval(L.Callback):
             if int(value) < 1:
                 raise ValueError(f"eval.{key} must be at least 1, got {value}")
         if num_samples < 2:
-            raise ValueError(f"eval.num_samples must be at least 2 (FID needs two), got {num_samples}")
+            raise ValueError(
+                f"eval.num_samples must be at least 2 (FID needs two), got {num_samples}"
+            )
         self.settings = EvalSettings(
             shards=shards,
             reference_samples=reference_samples,
@@ -85,7 +87,9 @@ class GenerationEval(L.Callback):
         self.every_n_steps = int(every_n_steps)
         self.num_samples = int(num_samples)
         self.decoder_kwargs = {
-            k: v for k, v in {"steps": steps, "guidance_scale": guidance_scale}.items() if v is not None
+            k: v
+            for k, v in {"steps": steps, "guidance_scale": guidance_scale}.items()
+            if v is not None
         }
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.feature_model = feature_model
@@ -138,7 +142,9 @@ class GenerationEval(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         step = trainer.global_step
-        due = step % self.every_n_steps == 0 or (trainer.max_steps > 0 and step >= trainer.max_steps)
+        due = step % self.every_n_steps == 0 or (
+            trainer.max_steps > 0 and step >= trainer.max_steps
+        )
         if not due or step == self._last_step:
             return
         self._last_step = step
@@ -169,7 +175,9 @@ class GenerationEval(L.Callback):
             lambda z, captions, g: decoder.sample(z, captions, generator=g, **self.decoder_kwargs),
             None
             if prior is None
-            else lambda captions, txt, g: prior.sample(captions, txt, generator=g, **self.prior_kwargs),
+            else lambda captions, txt, g: prior.sample(
+                captions, txt, generator=g, **self.prior_kwargs
+            ),
             [lambda x, g, up=up: up.upsample(x, generator=g) for up in self._stages["upsamplers"]],
             batch_size=self.batch_size,
             seed=self.seed,

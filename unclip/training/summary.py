@@ -28,8 +28,7 @@ def summary_table(
     """Rows of job overrides and metrics; metric columns no job logged are left out."""
     present = [m for m in metrics if any(m in r["metrics"] for r in records)]
     extra = sorted(
-        {m for r in records for m in r["metrics"] if m.startswith(("val/", "eval/"))}
-        - set(present)
+        {m for r in records for m in r["metrics"] if m.startswith(("val/", "eval/"))} - set(present)
     )
     columns = present + extra
     shared = (
