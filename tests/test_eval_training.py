@@ -5,6 +5,7 @@ and a prior run is scored through that decoder, beside its own prior metric set.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import EVAL_IMAGE_SIZE
 from hydra import compose, initialize_config_dir
 
+from unclip.evaluation.run import main
 from unclip.training.run import train
 from unclip.training.summary import collect, summary_table
 
@@ -120,9 +122,11 @@ def test_a_decoder_run_with_eval_logs_fid_kid_clip_score_to_csv_and_tensorboard(
     assert list((decoder_run / "samples").glob("eval-step*.png"))  # the grid, for CSV logging
 
 
-def test_a_prior_run_is_scored_through_a_decoder_and_the_sweep_table_carries_both(
-    eval_shards: Path, decoder_run: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def prior_run(
+    eval_shards: Path, decoder_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, float]]:
+    runs = tmp_path_factory.mktemp("prior_runs")
     checkpoint = sorted((decoder_run / "checkpoints").glob("*.ckpt"))[-1]
     prior = [
         "model=prior_diffusion",
@@ -138,12 +142,50 @@ def test_a_prior_run_is_scored_through_a_decoder_and_the_sweep_table_carries_bot
         f"eval.decoder={checkpoint}",
         "eval.prior_sampling={steps: 2}",
     ]
-    metrics = run(common(eval_shards, tmp_path, "prior-eval") + prior)
+    metrics = run(common(eval_shards, runs, "prior-eval") + prior)
+    return runs, metrics
+
+
+def test_a_prior_run_is_scored_through_a_decoder_and_the_sweep_table_carries_both(
+    prior_run: tuple[Path, dict[str, float]],
+) -> None:
+    runs, metrics = prior_run
     for key in (*EVAL_KEYS, "eval/prior_cosine", "eval/prior_unrelated_cosine"):
         assert math.isfinite(metrics[key]), key
     assert "val/online/steps2/cosine" in metrics and "val/unrelated_cosine" in metrics
     # the multirun summary shows the eval/* columns beside val/*
-    record = collect(tmp_path)
+    record = collect(runs)
     assert len(record) == 1
     header = summary_table(record)[0]
     assert {"eval/fid_clip", "eval/clip_score", "val/cosine", "val/unrelated_cosine"} <= set(header)
+
+
+def test_evaluation_run_scores_a_prior_alone_and_through_the_decoder(
+    eval_shards: Path, decoder_run: Path, prior_run: tuple[Path, dict[str, float]], tmp_path: Path
+) -> None:
+    prior = prior_run[0] / "prior-eval" / "checkpoints" / "last.ckpt"
+    decoder = decoder_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    main(
+        [str(prior), str(decoder), "--shards", f"{eval_shards}/val-*.tar", "--out", str(out),
+         "--num-samples", "12", "--reference-samples", "48", "--kid-subset-size", "12",
+         "--decoder-steps", "2", "--stack-prior-steps", "2", "--prior-steps", "2", "4",
+         "--weights", "ema", "online"]
+    )  # fmt: skip
+    report = json.loads((out / "eval.json").read_text())
+    names = [row["row"] for row in report["rows"]]
+    assert names == [
+        "prior-eval (ema, 2 steps)",
+        "prior-eval (ema, 4 steps)",
+        "prior-eval (online, 2 steps)",
+        "prior-eval (online, 4 steps)",
+        "true z_i -> decoder-eval",
+        "prior-eval -> decoder-eval",
+    ]
+    stack = {row["row"]: row["metrics"] for row in report["rows"]}
+    for key in ("fid_clip", "kid_clip", "clip_score", "prior_cosine"):
+        assert math.isfinite(stack["prior-eval -> decoder-eval"][key])
+    assert "unrelated_cosine" in stack["prior-eval (online, 4 steps)"]
+    assert report["reference"]["reused"]  # the decoder run cached it with the same facts
+    table = (out / "eval.md").read_text()
+    assert table.startswith("| run") and "fid_clip" in table and "prior-eval -> decoder-eval" in table

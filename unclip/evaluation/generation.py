@@ -29,6 +29,15 @@ PriorFn = Callable[[list[str], torch.Tensor, torch.Generator], torch.Tensor]
 UpsampleFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def stage_role(module: Any) -> str | None:
+    """"upsampler", "decoder" or "prior" by what a stage offers (None: nothing that generates)."""
+    if callable(getattr(module, "upsample", None)):
+        return "upsampler"
+    if not callable(getattr(module, "sample", None)):
+        return None
+    return "decoder" if "image" in getattr(module, "data_fields", []) else "prior"
+
+
 @dataclass
 class EvalSubset:
     """The first `num_samples` captions of a shard set with their true embeddings."""

@@ -25,6 +25,7 @@ from unclip.evaluation.generation import (
     Evaluator,
     generate,
     read_subset,
+    stage_role,
 )
 from unclip.sampling.grid import captioned_grid
 from unclip.training.module import load_module
@@ -106,9 +107,12 @@ class GenerationEval(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        is_decoder = "image" in getattr(pl_module, "data_fields", [])
-        if not callable(getattr(pl_module, "sample", None)):
-            raise ValueError(f"eval.enabled: {type(pl_module).__name__} generates nothing to score")
+        role = stage_role(pl_module)
+        if role not in ("decoder", "prior"):
+            raise ValueError(
+                f"eval.enabled: {type(pl_module).__name__} is no decoder or prior; set eval.enabled=false"
+            )
+        is_decoder = role == "decoder"
         if is_decoder and self.paths["decoder"]:
             raise ValueError("eval.decoder is for prior runs; this run trains the decoder")
         if not is_decoder and not self.paths["decoder"]:

@@ -10,6 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from unclip.evaluation.tables import format_markdown
+
 DEFAULT_METRICS = (
     "val/loss",
     "val/cos_to_truth",
@@ -47,16 +49,6 @@ def summary_table(
             ]
         )
     return rows
-
-
-def format_markdown(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 class SweepSummary(Callback):
