@@ -20,7 +20,7 @@ from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.config_keys import merged
 from unclip.models.embedding_norm import EmbeddingNorm
 from unclip.models.prior_variants import log_prior_variants, variants_config
-from unclip.nn.prior_diffusion import DiffusionPriorNet, Prefix
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet, Prefix
 from unclip.training.module import UnclipModule
 
 log = logging.getLogger(__name__)
