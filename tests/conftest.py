@@ -164,7 +164,7 @@ def shapes_batch(split: str, count: int, size: int = EVAL_IMAGE_SIZE, start: int
     import torch
 
     from unclip.data.shapes import render, scene
-    from unclip.sampling.grid import from_pil
+    from unclip.images import from_pil
 
     records = [scene(split, i, 0, 0.0) for i in range(start, start + count)]
     images = torch.stack([from_pil(render(r, size)) for r in records])
@@ -212,7 +212,7 @@ def eval_shards(eval_clip_spec: str, tmp_path_factory: pytest.TempPathFactory) -
     import torch
 
     from unclip.clip import encode_images, encode_texts, load_clip
-    from unclip.sampling.grid import to_pil
+    from unclip.images import to_pil
 
     out = tmp_path_factory.mktemp("eval_emb")
     bundle = load_clip(eval_clip_spec)

@@ -27,7 +27,7 @@ from unclip.evaluation.generation import (
     read_subset,
     stage_role,
 )
-from unclip.sampling.grid import captioned_grid
+from unclip.images import captioned_grid
 from unclip.training.module import load_module
 from unclip.training.sample_grid import log_grid_image, pair_rows
 
