@@ -138,3 +138,38 @@ def test_manifold_precision_recall_sees_mode_dropping() -> None:
     assert precision > 0.8 and 0.3 < recall < 0.7  # every sample real-looking; half the modes
     far = torch.randn(100, 4, generator=generator) + 20.0
     assert manifold_precision_recall(real, far) == (0.0, 0.0)
+
+
+def test_a_sample_run_folder_is_scored_for_the_demo(
+    eval_shards: Path, real: dict, tmp_path: Path
+) -> None:
+    """What the demo prints beside its table: a sample.py run's PNGs scored against the val set."""
+    from unclip.evaluation.sample_set import format_scores, score_sample_run
+    from unclip.images import save_images
+
+    names = [f"{i:03d}" for i in range(NUM_VAL)]
+    files = save_images(real["image"], tmp_path / "images", names)
+    record = {
+        "images": [
+            {"file": str(path.relative_to(tmp_path)), "caption": caption}
+            for path, caption in zip(files, real["txt"], strict=True)
+        ]
+    }
+    shards = str(eval_shards / "val-*.tar")
+    scores = score_sample_run(record, tmp_path, shards, reference_samples=NUM_VAL)
+    captions = [r["caption"] for r in record["images"]]
+    shuffled = [
+        {**r, "caption": captions[(i + 7) % NUM_VAL]} for i, r in enumerate(record["images"])
+    ]
+    worse = score_sample_run({"images": shuffled}, tmp_path, shards, reference_samples=NUM_VAL)
+    noisy = (real["image"] + 0.5 * torch.randn(NUM_VAL, 3, EVAL_IMAGE_SIZE, EVAL_IMAGE_SIZE)).clamp(
+        -1, 1
+    )
+    save_images(noisy, tmp_path / "images", names)
+    noised = score_sample_run(record, tmp_path, shards, reference_samples=NUM_VAL)
+    assert scores["images"] == NUM_VAL and scores["reference_images"] == NUM_VAL
+    assert scores["clip_score"] > worse["clip_score"] + 20
+    assert scores["fid_clip"] < 1e-3  # the real images themselves, through PNG files
+    assert noised["fid_clip"] > 0.05 and noised["reference_reused"]
+    line = format_scores(scores)
+    assert "FID (CLIP)" in line and "KID (CLIP)" in line and "CLIP score" in line

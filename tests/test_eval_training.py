@@ -188,4 +188,6 @@ def test_evaluation_run_scores_a_prior_alone_and_through_the_decoder(
     assert "unrelated_cosine" in stack["prior-eval (online, 4 steps)"]
     assert report["reference"]["reused"]  # the decoder run cached it with the same facts
     table = (out / "eval.md").read_text()
-    assert table.startswith("| run") and "fid_clip" in table and "prior-eval -> decoder-eval" in table
+    assert (
+        table.startswith("| run") and "fid_clip" in table and "prior-eval -> decoder-eval" in table
+    )

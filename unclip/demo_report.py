@@ -20,6 +20,7 @@ from unclip.evaluation.binding import (
     summarise,
 )
 from unclip.evaluation.prior_fit import cosine_to_truth
+from unclip.evaluation.sample_set import format_scores, score_sample_run
 from unclip.images import load_image
 from unclip.sampling.run import Sampler, save_run, settings
 from unclip.sampling.shard_samples import read_samples
@@ -101,6 +102,12 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     summary = summarise(judged)
     prior = score_prior(demo, sampler)
     reference = clip_reference(demo)
+    image_metrics = score_sample_run(
+        record,
+        out_dir,
+        str(demo.shapes_emb / "val-*.tar"),
+        reference_samples=int(cfg.evaluation.get("reference_samples", 1000)),
+    )
     report = {
         "grid": record["grid"],
         "summary": summary,
@@ -110,9 +117,11 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
         "per_caption": per_caption(judged),
         "images": judged,
         "sampling_seconds": record["seconds"],
+        "image_metrics": image_metrics,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(format_table(summary, prior, dict(cfg.evaluation.bars), reference))
+    print(format_scores(image_metrics))
     print(f"\ngrid: {record['grid']}\nscores: {out_dir / 'report.json'}")
     return report
 

@@ -30,7 +30,7 @@ UpsampleFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def stage_role(module: Any) -> str | None:
-    """"upsampler", "decoder" or "prior" by what a stage offers (None: nothing that generates)."""
+    """ "upsampler", "decoder" or "prior" by what a stage offers (None: nothing that generates)."""
     if callable(getattr(module, "upsample", None)):
         return "upsampler"
     if not callable(getattr(module, "sample", None)):

@@ -69,7 +69,9 @@ def load_stages(paths: Sequence[str], device: torch.device) -> dict[str, list[tu
         module = load_module(path).to(device).eval()
         role = stage_role(module)
         if role is None:
-            raise ValueError(f"checkpoint {path!r} holds a {type(module).__name__}: nothing to score")
+            raise ValueError(
+                f"checkpoint {path!r} holds a {type(module).__name__}: nothing to score"
+            )
         stages[role].append((str(path), module))
     return stages
 
@@ -114,7 +116,9 @@ def prior_rows(
                     [] if count is None else [count],
                     [which],
                 )
-                name = f"{label(path)} ({which}" + ("" if count is None else f", {count} steps") + ")"
+                name = (
+                    f"{label(path)} ({which}" + ("" if count is None else f", {count} steps") + ")"
+                )
                 plain = {k.rsplit("/", 1)[-1]: float(v) for k, v in metrics.items()}
                 rows.append({"row": name, "checkpoints": {"prior": path}, "metrics": plain})
     return rows
@@ -141,7 +145,9 @@ def stack_rows(
                 lambda z, c, g, d=decoder: d.sample(z, c, generator=g, **decoder_kwargs),
                 None
                 if prior is None
-                else lambda c, t, g, p=prior: p.sample(c, t.to(device), generator=g, **prior_kwargs),
+                else lambda c, t, g, p=prior: p.sample(
+                    c, t.to(device), generator=g, **prior_kwargs
+                ),
                 [lambda x, g, u=u: u.upsample(x, generator=g) for u in upsamplers],
                 batch_size=batch_size,
                 seed=seed,
@@ -201,7 +207,14 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         decoder_kwargs = {"steps": args.decoder_steps} if args.decoder_steps else {}
         prior_kwargs = {"steps": args.stack_prior_steps} if args.stack_prior_steps else {}
         rows += stack_rows(
-            stages, subset, evaluator, decoder_kwargs, prior_kwargs, args.batch_size, args.seed, device
+            stages,
+            subset,
+            evaluator,
+            decoder_kwargs,
+            prior_kwargs,
+            args.batch_size,
+            args.seed,
+            device,
         )
         report["reference"] = {
             "facts": evaluator.reference.facts,
