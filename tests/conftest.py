@@ -152,7 +152,7 @@ def img2dataset_shards(tmp_path: Path) -> Path:
 # ---- a tiny CLIP that has learnt the shapes captions (for the image metrics) -------------------
 EVAL_CLIP_ARCH = "unclip-eval-test"
 EVAL_CLIP_CONFIG = {
-    "embed_dim": 32,
+    "embed_dim": 64,  # the tiny priors' and decoder's default embed_dim: sweeps need no override
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
@@ -174,7 +174,8 @@ def shapes_batch(split: str, count: int, size: int = EVAL_IMAGE_SIZE, start: int
 @pytest.fixture(scope="session")
 def eval_clip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A CLIP trained for 120 steps (~5 s) on shapes captions: matching captions score ~0.8 cosine,
-    shuffled ones ~0.2. Returned as a local open_clip file spec, `path.pt:ARCH`."""
+    shuffled ones ~0.2. Returned as an open_clip `local-dir:` spec (config + weights in a folder),
+    so subprocesses load it too."""
     import open_clip
     import torch
 
@@ -197,9 +198,18 @@ def eval_clip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    path = tmp_path_factory.mktemp("eval_clip") / "tiny_clip.pt"
-    torch.save(model.state_dict(), path)
-    return f"{path}:{EVAL_CLIP_ARCH}"
+    return save_local_dir(tmp_path_factory.mktemp("eval_clip"), model.state_dict())
+
+
+def save_local_dir(folder: Path, state_dict: dict) -> str:
+    """An open_clip `local-dir:` folder of the eval CLIP architecture with these weights."""
+    import json
+
+    import torch
+
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": EVAL_CLIP_CONFIG}))
+    torch.save(state_dict, folder / "open_clip_pytorch_model.bin")
+    return f"local-dir:{folder}"
 
 
 NUM_EVAL_SAMPLES = 160

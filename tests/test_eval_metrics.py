@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL_IMAGE_SIZE, NUM_EVAL_SAMPLES
+from conftest import EVAL_IMAGE_SIZE, NUM_EVAL_SAMPLES, save_local_dir
 from torchvision.transforms.functional import gaussian_blur
 
 from unclip.evaluation.features import ClipImageFeatures, load_features
@@ -101,18 +101,16 @@ def test_reference_statistics_are_cached_reused_and_invalidated_by_a_new_feature
     assert again.facts["feature_model"] == eval_clip_spec and again.facts["weights_sha1"]
 
     # the same spec, retrained weights (a last.ckpt overwritten): recomputed
-    weights_path, arch = eval_clip_spec.rsplit(":", 1)
-    state = torch.load(weights_path, weights_only=True)
+    folder = Path(eval_clip_spec.removeprefix("local-dir:"))
+    state = torch.load(folder / "open_clip_pytorch_model.bin", weights_only=True)
     generator = torch.Generator().manual_seed(0)
     changed = {
         k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
         for k, v in state.items()
     }
-    own_copy = tmp_path / "clip.pt"
-    torch.save(state, own_copy)
-    spec = f"{own_copy}:{arch}"
+    spec = save_local_dir(tmp_path, state)
     before = reference(eval_shards, load_features(spec, shards))
-    torch.save(changed, own_copy)
+    save_local_dir(tmp_path, changed)
     after = reference(eval_shards, load_features(spec, shards))
     assert not after.reused and after.path not in (first.path, before.path)
     assert not torch.allclose(after.features, before.features)

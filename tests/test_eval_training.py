@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,8 @@ from unclip.evaluation.run import main
 from unclip.training.run import train
 from unclip.training.summary import collect, summary_table
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 EVAL_KEYS = ("eval/fid_clip", "eval/kid_clip", "eval/clip_score")
 
 
@@ -44,7 +48,6 @@ def common(shards: Path, runs: Path, name: str) -> list[str]:
         "trainer.val_check_interval=4",
         "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1",
-        "model.embed_dim=32",
         "eval.enabled=true",
         "eval.every_n_steps=2",
         "eval.num_samples=12",
@@ -191,3 +194,34 @@ def test_evaluation_run_scores_a_prior_alone_and_through_the_decoder(
     assert (
         table.startswith("| run") and "fid_clip" in table and "prior-eval -> decoder-eval" in table
     )
+
+
+def test_a_prior_sweep_reports_image_metrics_and_the_prior_set_side_by_side(
+    eval_shards: Path, decoder_run: Path, tmp_path: Path
+) -> None:
+    """`train.py -m model=prior_diffusion,prior_ar` with eval on: both priors through one decoder,
+    FID/CLIP score and the prior metric set in one summary table (the paper's Table 2 in small).
+    (Hydra composes a multirun's base config with the default model, so no model.* override.)"""
+    checkpoint = decoder_run / "checkpoints" / "last.ckpt"
+    overrides = [
+        o
+        for o in common(eval_shards, tmp_path, "unused")
+        if not o.startswith(("run_name", "logger"))
+    ]
+    command = [
+        sys.executable, "train.py", "-m", "model=prior_diffusion,prior_ar", "logger=csv",
+        "sweep_name=priors", *overrides, "trainer.max_steps=2",
+        "trainer.val_check_interval=2", f"eval.decoder={checkpoint}",
+    ]  # fmt: skip
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = (tmp_path / "multirun" / "priors" / "summary.csv").read_text().splitlines()
+    rows = list(csv.reader(summary))
+    header, jobs = rows[0], {row[0]: dict(zip(rows[0], row, strict=True)) for row in rows[1:]}
+    assert set(jobs) == {"model=prior_diffusion", "model=prior_ar"}
+    for column in ("eval/fid_clip", "eval/kid_clip", "eval/clip_score", "eval/prior_cosine",
+                   "val/cosine", "val/unrelated_cosine", "val/baseline_diff", "val/online/cosine"):  # fmt: skip
+        assert column in header, column
+        assert all(job[column] != "-" for job in jobs.values()), column
+    assert "eval/fid_clip" in done.stdout  # the printed table

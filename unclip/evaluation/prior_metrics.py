@@ -11,8 +11,9 @@
   image's in the batch (duplicate captions in a batch make this harder than it sounds).
 
 `prior_metric_variants` repeats the set for other sampling step counts and for the online
-(non-EMA) weights, under `<weights>/steps<n>/<metric>` (`<weights>/<metric>` for samplers without
-steps), beside the plain names of the stage's default sampling.
+(non-EMA) weights, under `<weights>/steps<n>/<metric>` and `<weights>/<metric>` (the default step
+count), beside the plain names (the EMA weights at the default steps). Both priors log
+`online/<metric>`, so a sweep compares their online weights in one column.
 """
 
 from __future__ import annotations
@@ -62,19 +63,24 @@ def check_variants(steps: Sequence[int], weights: Sequence[str], where: str) -> 
         raise ValueError(f"{where}.steps must all be at least 1, got {list(steps)}")
 
 
+def variant_list(steps: Sequence[int], weights: Sequence[str]) -> list[tuple[str, int | None]]:
+    """(weights, steps) pairs a validation logs beside its plain names: each weights at the default
+    step count (None; EMA there is what the plain names already measure) and at each of `steps`."""
+    pairs: list[tuple[str, int | None]] = [(w, None) for w in weights if w != "ema"]
+    return pairs + [(w, int(s)) for w in weights for s in steps]
+
+
 @torch.no_grad()
 def prior_metric_variants(
     sample: VariantSampler,
     img_emb: torch.Tensor,
     txt_emb: torch.Tensor,
-    steps: Sequence[int] = (),
-    weights: Sequence[str] = (),
+    variants: Sequence[tuple[str, int | None]],
 ) -> dict[str, torch.Tensor]:
-    """The metric set for every (weights, steps) pair; no `steps` (the AR prior): one per weights."""
+    """The metric set for each (weights, steps) pair, keyed `<weights>[/steps<n>]/<metric>`."""
     out = {}
-    for which in weights:
-        for count in list(steps) or [None]:
-            prefix = which if count is None else f"{which}/steps{int(count)}"
-            metrics = prior_metrics(sample(count, which), img_emb, txt_emb)
-            out.update({f"{prefix}/{key}": value for key, value in metrics.items()})
+    for which, count in variants:
+        prefix = which if count is None else f"{which}/steps{int(count)}"
+        metrics = prior_metrics(sample(count, which), img_emb, txt_emb)
+        out.update({f"{prefix}/{key}": value for key, value in metrics.items()})
     return out

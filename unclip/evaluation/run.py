@@ -110,11 +110,7 @@ def prior_rows(
                     return torch.cat(parts).float().cpu()
 
                 metrics = prior_metric_variants(
-                    sample,
-                    subset.img_emb,
-                    subset.txt_emb,
-                    [] if count is None else [count],
-                    [which],
+                    sample, subset.img_emb, subset.txt_emb, [(which, count)]
                 )
                 name = (
                     f"{label(path)} ({which}" + ("" if count is None else f", {count} steps") + ")"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from unclip.evaluation.prior_metrics import check_variants, prior_metric_variants
+from unclip.evaluation.prior_metrics import check_variants, prior_metric_variants, variant_list
 from unclip.models.config_keys import merged
 
 DEFAULT_VARIANTS: dict[str, Any] = {"steps": [], "weights": []}
@@ -29,7 +29,8 @@ def variants_config(given: dict | None, has_steps: bool) -> dict[str, list]:
 def log_prior_variants(module: Any, batch: dict, batch_idx: int, sample: StepSampler) -> None:
     """Log `val/<weights>[/steps<n>]/<metric>` for the module's `val_variants` (first batch only)."""
     cfg = module.val_variants
-    if batch_idx != 0 or not cfg["weights"]:
+    variants = variant_list(cfg["steps"], cfg["weights"])
+    if batch_idx != 0 or not variants:
         return
     captions, txt_emb = list(batch["txt"]), batch["txt_emb"].float()
 
@@ -37,8 +38,6 @@ def log_prior_variants(module: Any, batch: dict, batch_idx: int, sample: StepSam
         with module.sampling_weights(weights):
             return sample(captions, txt_emb, steps)
 
-    metrics = prior_metric_variants(
-        sample_variant, batch["img_emb"], txt_emb, cfg["steps"], cfg["weights"]
-    )
+    metrics = prior_metric_variants(sample_variant, batch["img_emb"], txt_emb, variants)
     for key, value in metrics.items():
         module.log(f"val/{key}", value, batch_size=len(captions), sync_dist=True)
