@@ -13,6 +13,7 @@ import torch
 from conftest import EVAL_IMAGE_SIZE, NUM_EVAL_SAMPLES, save_local_dir
 from torchvision.transforms.functional import gaussian_blur
 
+from unclip.data.samples import read_samples
 from unclip.evaluation.features import ClipImageFeatures, load_features
 from unclip.evaluation.image_metrics import (
     INCEPTION_SKIPPED,
@@ -21,7 +22,6 @@ from unclip.evaluation.image_metrics import (
     score_images,
 )
 from unclip.evaluation.reference import CACHE_FOLDER, reference_features
-from unclip.sampling.shard_samples import read_samples
 
 NUM_VAL = NUM_EVAL_SAMPLES
 

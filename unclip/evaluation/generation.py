@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from unclip.data.samples import read_samples
 from unclip.evaluation.features import ClipImageFeatures
 from unclip.evaluation.image_metrics import GenerationMetrics, inception_fid
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.evaluation.reference import reference_features
-from unclip.sampling.shard_samples import read_samples
 
 # decode(img_emb [B, D], captions, generator) -> images [B, 3, H, W] in [-1, 1]
 DecodeFn = Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor]

@@ -23,6 +23,15 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+# what prior_metrics returns: every prior logs them as val/<name>, the sweep summary shows them
+PRIOR_METRICS = (
+    "cosine",
+    "text_baseline_cosine",
+    "baseline_diff",
+    "text_cosine",
+    "unrelated_cosine",
+    "retrieval_acc",
+)
 WEIGHTS = ("ema", "online")
 # sample(steps, weights) -> [B, D] sampled z_i; steps None: the stage's default
 VariantSampler = Callable[[int | None, str], torch.Tensor]

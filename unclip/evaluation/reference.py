@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from unclip.data.format import is_remote, local_path, write_json_atomic
+from unclip.data.samples import read_samples
 from unclip.data.shards import expand_shards, shard_dir
-from unclip.sampling.shard_samples import read_samples
 
 log = logging.getLogger(__name__)
 

@@ -5,31 +5,41 @@ unclip.evaluation.prior_metrics), so a sweep reads EMA vs online and steps side 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from unclip.evaluation.prior_metrics import check_variants, prior_metric_variants, variant_list
-from unclip.models.config_keys import merged
+from unclip.training.config_check import ConfigError, build_config
 
-DEFAULT_VARIANTS: dict[str, Any] = {"steps": [], "weights": []}
 # sample(captions, txt_emb, steps) -> [B, D], from a fixed seed (the module makes its generator)
 StepSampler = Callable[[list[str], torch.Tensor, int | None], torch.Tensor]
 
 
-def variants_config(given: dict | None, has_steps: bool) -> dict[str, list]:
-    cfg = merged(DEFAULT_VARIANTS, given, "model.val_variants")
-    cfg = {"steps": [int(s) for s in cfg["steps"] or []], "weights": list(cfg["weights"] or [])}
-    if cfg["steps"] and not has_steps:
-        raise ValueError("model.val_variants.steps: this prior has no sampling steps; use []")
-    check_variants(cfg["steps"], cfg["weights"], "model.val_variants")
+@dataclass
+class ValVariants:
+    """steps: extra sampling step counts (diffusion prior only); weights: ema | online."""
+
+    steps: list[int] = field(default_factory=list)
+    weights: list[str] = field(default_factory=list)
+
+
+def variants_config(given: dict | None, has_steps: bool) -> ValVariants:
+    cfg = build_config(ValVariants, given, "model.val_variants")
+    cfg = ValVariants([int(s) for s in cfg.steps or []], list(cfg.weights or []))
+    if cfg.steps and not has_steps:
+        raise ConfigError("model.val_variants.steps: this prior has no sampling steps; use []")
+    try:
+        check_variants(cfg.steps, cfg.weights, "model.val_variants")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     return cfg
 
 
 def log_prior_variants(module: Any, batch: dict, batch_idx: int, sample: StepSampler) -> None:
     """Log `val/<weights>[/steps<n>]/<metric>` for the module's `val_variants` (first batch only)."""
-    cfg = module.val_variants
-    variants = variant_list(cfg["steps"], cfg["weights"])
+    variants = variant_list(module.val_variants.steps, module.val_variants.weights)
     if batch_idx != 0 or not variants:
         return
     captions, txt_emb = list(batch["txt"]), batch["txt_emb"].float()

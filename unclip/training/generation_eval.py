@@ -209,7 +209,7 @@ def _load(path: str | None, key: str) -> Any:
 
 
 def _real_images(shards: str | list[str], count: int, image_size: int) -> torch.Tensor:
-    from unclip.sampling.shard_samples import read_samples
+    from unclip.data.samples import read_samples
 
     if count < 1:
         return torch.zeros(0, 3, image_size, image_size)

@@ -10,14 +10,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from unclip.evaluation.prior_metrics import PRIOR_METRICS
 from unclip.evaluation.tables import format_markdown
 
-DEFAULT_METRICS = (
-    "val/loss",
-    "val/cos_to_truth",
-    "val/cos_text_baseline",
-    "val/retrieval_acc",
-)
+# the columns shown first: what every stage logs, then what both priors log
+DEFAULT_METRICS = ("val/loss", *(f"val/{name}" for name in PRIOR_METRICS))
 
 
 def collect(sweep_dir: Path) -> list[dict]:
