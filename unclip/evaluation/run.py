@@ -15,7 +15,6 @@ The feature model is the shards' CLIP (meta.json) unless `--feature-model` names
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -93,7 +92,7 @@ def prior_rows(
     """The prior metric set of each prior alone, for every weights / steps variant."""
     rows = []
     for path, prior in priors:
-        has_steps = "steps" in inspect.signature(prior.sample).parameters
+        has_steps = hasattr(prior, "diffusion")  # a diffusion stage samples in steps; AR does not
         for which in weights:
             for count in list(steps) if has_steps and steps else [None]:
 
