@@ -16,42 +16,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from unclip.clip import encode_images, encode_texts, load_clip
-from unclip.data.format import embedding_meta, write_json_atomic
-from unclip.data.shapes import render, scene
-from unclip.data.writer import AtomicShardWriter
+from unclip.clip import load_clip
+from unclip.data import shapes
+from unclip.data.embed import embed_shards
 from unclip.evaluation.features import ClipImageFeatures
 from unclip.evaluation.generation import EvalSettings, Evaluator, generate, read_subset
-from unclip.images import from_pil, to_pil
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def write_shards(folder: Path, clip_file: str, count: int, size: int) -> str:
-    bundle = load_clip(clip_file)
-    records = [scene("val", i, 0, 0.5) for i in range(count)]
-    images = torch.stack([from_pil(render(r, size)) for r in records])
-    captions = [r["caption"] for r in records]
-    img_emb = encode_images(bundle.model, bundle.preprocess, images)
-    txt_emb = encode_texts(bundle.model, bundle.tokenizer, captions)
-    with AtomicShardWriter(folder / "val-000000.tar") as writer:
-        for i in range(count):
-            writer.write(
-                {
-                    "__key__": f"val{i:06d}",
-                    "image": to_pil(images[i]),
-                    "txt": captions[i],
-                    "img_emb": img_emb[i].numpy().astype(np.float16),
-                    "txt_emb": txt_emb[i].numpy().astype(np.float16),
-                }
-            )
-    write_json_atomic(folder / "meta.json", embedding_meta(clip_file, img_emb.shape[1]))
-    return str(folder / "val-*.tar")
+def write_shards(folder: Path, clip_spec: str, count: int, size: int) -> str:
+    """Shapes val images embedded with the CLIP by the embed tool, as users make them."""
+    shapes.generate(folder / "shapes", size=size, train=8, val=count, holdout=8, workers=1)
+    embed_shards(str(folder / "shapes" / "val-*.tar"), folder / "emb", clip_spec, split_name="val")
+    return str(folder / "emb" / "val-*.tar")
 
 
 def main() -> None:
@@ -65,7 +47,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         decoder = instantiate(compose("train", ["model=decoder"]).model, _convert_="all").eval()
-    folder = Path(tempfile.mkdtemp(prefix="eval-bench-"))
+    with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:
+        measure(args, decoder, Path(tmp))
+
+
+def measure(args: argparse.Namespace, decoder: torch.nn.Module, folder: Path) -> None:
     clip_file = str(folder / "clip.pt")
     torch.save(load_clip("unclip-tiny").model.state_dict(), clip_file)
     spec = f"{clip_file}:unclip-tiny"

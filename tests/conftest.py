@@ -217,31 +217,18 @@ NUM_EVAL_SAMPLES = 160
 
 @pytest.fixture(scope="session")
 def eval_shards(eval_clip_spec: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """160 shapes val images at 32 px with their `eval_clip_spec` embeddings, in two shards
-    (`val-*.tar`) with a meta.json naming that CLIP."""
-    import torch
+    """160 single-object shapes val images at 32 px embedded with `eval_clip_spec` by the embed
+    tool: two shards (`val-*.tar`) and a meta.json naming that CLIP."""
+    from unclip.data.embed import embed_shards
+    from unclip.data.shapes import generate
 
-    from unclip.clip import encode_images, encode_texts, load_clip
-    from unclip.images import to_pil
-
-    out = tmp_path_factory.mktemp("eval_emb")
-    bundle = load_clip(eval_clip_spec)
-    images, captions, _ = shapes_batch("val", NUM_EVAL_SAMPLES)
-    with torch.no_grad():
-        img_emb = encode_images(bundle.model, bundle.preprocess, images)
-        txt_emb = encode_texts(bundle.model, bundle.tokenizer, captions)
-    half = NUM_EVAL_SAMPLES // 2
-    for shard, rows in enumerate((range(half), range(half, NUM_EVAL_SAMPLES))):
-        with AtomicShardWriter(out / f"val-{shard:06d}.tar") as writer:
-            for i in rows:
-                writer.write(
-                    {
-                        "__key__": f"val{i:05d}",
-                        "image": to_pil(images[i]),
-                        "txt": captions[i],
-                        "img_emb": img_emb[i].numpy().astype(np.float16),
-                        "txt_emb": txt_emb[i].numpy().astype(np.float16),
-                    }
-                )
-    write_json_atomic(out / "meta.json", embedding_meta(eval_clip_spec, img_emb.shape[1]))
+    root = tmp_path_factory.mktemp("eval_data")
+    generate(
+        root / "shapes", size=EVAL_IMAGE_SIZE, train=8, val=NUM_EVAL_SAMPLES, holdout=8,
+        shard_size=NUM_EVAL_SAMPLES // 2, pair_fraction=0.0, workers=1,
+    )  # fmt: skip
+    out = root / "emb"
+    embed_shards(
+        str(root / "shapes" / "val-*.tar"), out, eval_clip_spec, split_name="val", progress=False
+    )
     return out

@@ -32,28 +32,17 @@ from unclip.evaluation.generation import (
     read_subset,
     stage_role,
 )
-from unclip.evaluation.prior_metrics import WEIGHTS, prior_metric_variants
+from unclip.evaluation.prior_metrics import PRIOR_METRICS, WEIGHTS, prior_metric_variants
 from unclip.evaluation.tables import format_markdown
 
 log = logging.getLogger(__name__)
 
+IMAGE_COLUMNS = ("fid_clip", "kid_clip", "clip_score", "precision", "recall", "fid_inception")
+# stacks report the prior metric set of the prior's samples as prior_*, priors alone plainly
 TABLE_COLUMNS = (
-    "fid_clip",
-    "kid_clip",
-    "clip_score",
-    "precision",
-    "recall",
-    "fid_inception",
-    "prior_cosine",
-    "prior_unrelated_cosine",
-    "prior_baseline_diff",
-    "prior_retrieval_acc",
-    "cosine",
-    "text_cosine",
-    "unrelated_cosine",
-    "baseline_diff",
-    "text_baseline_cosine",
-    "retrieval_acc",
+    *IMAGE_COLUMNS,
+    *(f"prior_{name}" for name in PRIOR_METRICS),
+    *PRIOR_METRICS,
 )
 
 
