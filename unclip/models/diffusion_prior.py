@@ -22,6 +22,7 @@ from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.captions import build_caption_encoder
 from unclip.models.diffusion_stage import DiffusionStage
 from unclip.models.embedding_norm import EmbeddingNorm, EmbeddingNormConfig
+from unclip.models.prior_variants import ValVariants, log_prior_variants, variants_config
 from unclip.models.selection import best_by_dot_product
 from unclip.nn.caption_encoder import CaptionEncoderConfig
 from unclip.nn.diffusion_prior_net import DiffusionPriorNet, DiffusionPriorNetConfig
@@ -62,6 +63,8 @@ class DiffusionPriorModule(DiffusionStage):
     sampling: DiffusionPriorSampling plus the sampler's settings.
     unit_norm_output: L2-normalise sampled embeddings, like the embed tool's shards.
     val_seed: seed of the validation noise, so validation metrics are comparable across steps.
+    val_variants: {steps: [...], weights: [ema, online]}: the validation metric set again at these
+        sampling step counts for these weights (first validation batch), `val/ema/steps16/cosine`.
     """
 
     data_fields = ["txt", "img_emb", "txt_emb"]
@@ -71,6 +74,7 @@ class DiffusionPriorModule(DiffusionStage):
         "net": DiffusionPriorNetConfig,
         "text_encoder": CaptionEncoderConfig,
         "normalization": EmbeddingNormConfig,
+        "val_variants": ValVariants,
     }
 
     def __init__(
@@ -85,11 +89,13 @@ class DiffusionPriorModule(DiffusionStage):
         sampling: dict | None = None,
         unit_norm_output: bool = True,
         val_seed: int = 0,
+        val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
     ) -> None:
         super().__init__(optim, ema, diffusion, sampling, val_seed)
         self.save_hyperparameters()
+        self.val_variants = variants_config(val_variants, has_steps=True)
         if embed_dim < 1:
             raise ValueError(f"model.embed_dim must be positive, got {embed_dim}")
         if not 0.0 <= text_drop_prob < 1.0:
@@ -174,6 +180,14 @@ class DiffusionPriorModule(DiffusionStage):
         metrics = prior_metrics(sampled, batch["img_emb"], batch["txt_emb"])
         for key, value in metrics.items():
             self.log(f"val/{key}", value, batch_size=size, sync_dist=True, prog_bar=key == "cosine")
+        log_prior_variants(
+            self,
+            batch,
+            batch_idx,
+            lambda captions, txt_emb, steps: self.sample(
+                captions, txt_emb, self.val_generator(0), steps=steps
+            ),
+        )
 
     # ---- sampling ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip.training.config_check import check_config
+from unclip.training.generation_eval import generation_eval
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if expected_dim and hasattr(datamodule, "check_embed_dim"):
         datamodule.check_embed_dim(expected_dim, "model.embed_dim")
     loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    evaluation = generation_eval(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
+    if evaluation is not None:
+        callbacks.append(evaluation)
     trainer = instantiate(
         cfg.trainer,
         strategy=instantiate_strategy(cfg.strategy),
-        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=cfg.paths.run_dir,
         _convert_="all",
