@@ -53,7 +53,14 @@ DEFAULT_SAMPLING: dict[str, Any] = {
     "best_of": 2,
     "sampler": "ddpm",
     "eta": 0.0,
+    "clip_x0": None,
 }
+# how z_t reaches the network: on the sphere of radius sqrt(d), or as the shards hold it (Karlo)
+TEXT_EMBEDDINGS = ("sphere", "raw")
+# the unconditional input of guidance: learned null tokens, or the CLIP encoding of the empty
+# caption (Karlo, diffusers' UnCLIPPipeline; needs text_encoder.mode=clip)
+NULL_CONDITIONS = ("learned", "empty_caption")
+NO_CAPTION = ""
 
 
 class DiffusionPriorModule(UnclipModule):
@@ -67,8 +74,12 @@ class DiffusionPriorModule(UnclipModule):
     normalization: kind "standardize" (per-dimension statistics of the first `max_samples`
         training embeddings, fitted once and saved in the checkpoint) or "l2" (z/|z| * sqrt(d)).
     text_drop_prob: how often the caption and z_t are replaced by learned nulls in training.
-    sampling: defaults of `sample` (steps, guidance_scale, best_of, sampler ddpm|ddim, eta), also
-        used for the validation samples.
+    sampling: defaults of `sample` (steps, guidance_scale, best_of, sampler ddpm|ddim, eta, clip_x0:
+        clamp the predicted x0 to +-clip_x0 in the normalised space, null for none; Karlo 10,
+        diffusers 5), also used for the validation samples.
+    text_embedding: "sphere" (z_t rescaled to radius sqrt(d)) or "raw" (as given; Karlo).
+    null_condition: "learned" nulls or "empty_caption" (the CLIP encoding of "", caption states and
+        text embedding; Karlo); both for the training drops and for guidance.
     unit_norm_output: L2-normalise sampled embeddings, like the embed tool's shards.
     val_seed: seed of the validation noise, so validation metrics are comparable across steps.
     """
@@ -89,9 +100,21 @@ class DiffusionPriorModule(UnclipModule):
         val_seed: int = 0,
         optim: dict | None = None,
         ema: dict | None = None,
+        text_embedding: str = "sphere",
+        null_condition: str = "learned",
     ) -> None:
         super().__init__(optim, ema)
         self.save_hyperparameters()
+        if text_embedding not in TEXT_EMBEDDINGS:
+            raise ValueError(
+                f"model.text_embedding={text_embedding!r}: choose one of {TEXT_EMBEDDINGS}"
+            )
+        if null_condition not in NULL_CONDITIONS:
+            raise ValueError(
+                f"model.null_condition={null_condition!r}: choose one of {NULL_CONDITIONS}"
+            )
+        self.text_embedding = text_embedding
+        self.null_condition = null_condition
         if embed_dim < 1:
             raise ValueError(f"model.embed_dim must be positive, got {embed_dim}")
         if not 0.0 <= text_drop_prob < 1.0:
@@ -112,6 +135,11 @@ class DiffusionPriorModule(UnclipModule):
             **merged(DEFAULT_NET, net, "model.net"),
             text_encoder=merged(DEFAULT_TEXT_ENCODER, text_encoder, "model.text_encoder"),
         )
+        if null_condition == "empty_caption" and self.net.caption_encoder.clip_model is None:
+            raise ValueError(
+                "model.null_condition=empty_caption encodes the empty caption with the CLIP: "
+                "set model.text_encoder.mode=clip"
+            )
         self.init_ema()
 
     @staticmethod
@@ -122,6 +150,8 @@ class DiffusionPriorModule(UnclipModule):
             raise ValueError(f"{where}.best_of must be at least 1, got {cfg['best_of']}")
         if int(cfg["steps"]) < 1:
             raise ValueError(f"{where}.steps must be at least 1, got {cfg['steps']}")
+        if cfg.get("clip_x0") is not None and float(cfg["clip_x0"]) <= 0:
+            raise ValueError(f"{where}.clip_x0 must be positive or null, got {cfg['clip_x0']}")
         return cfg
 
     # ---- embedding statistics ------------------------------------------------------------------
@@ -144,8 +174,32 @@ class DiffusionPriorModule(UnclipModule):
 
     # ---- shared pieces -------------------------------------------------------------------------
     def text_condition(self, txt_emb: torch.Tensor) -> torch.Tensor:
-        """z_t as the network sees it: on the sphere of radius sqrt(d), whatever the shards hold."""
+        """z_t as the network sees it: on the sphere of radius sqrt(d), whatever the shards hold
+        (text_embedding=sphere), or as given (raw)."""
+        if self.text_embedding == "raw":
+            return txt_emb.float()
         return F.normalize(txt_emb.float(), dim=-1) * math.sqrt(self.embed_dim)
+
+    def empty_caption_embedding(self, batch_size: int) -> torch.Tensor:
+        """[B, D] CLIP text embedding of the empty caption (null_condition=empty_caption)."""
+        encoder = self.net.caption_encoder
+        tokens = encoder.tokenize([NO_CAPTION]).to(self.device)
+        return encoder.clip_text_embedding(tokens).float().expand(batch_size, -1)
+
+    def with_empty_captions(
+        self, captions: list[str], txt_emb: torch.Tensor, drop: torch.Tensor
+    ) -> tuple[list[str], torch.Tensor]:
+        """Dropped samples' captions and z_t replaced by the empty caption's (Karlo's null)."""
+        captions = [NO_CAPTION if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        null = self.empty_caption_embedding(len(captions)).to(txt_emb.dtype)
+        return captions, torch.where(drop[:, None], null, txt_emb)
+
+    def unconditional_prefix(self, net: torch.nn.Module, batch_size: int) -> Prefix:
+        """The prefix of guidance's unconditional half."""
+        if self.null_condition == "learned":
+            return net.null_condition(batch_size, self.device)
+        null = self.text_condition(self.empty_caption_embedding(batch_size))
+        return net.condition(self.tokenize([NO_CAPTION] * batch_size), null)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Caption tokens without the padding every caption of the batch has (exact, and cheaper)."""
@@ -154,10 +208,14 @@ class DiffusionPriorModule(UnclipModule):
 
     # ---- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        tokens = self.tokenize(batch["txt"])
         x0 = self.embedding_norm.normalize(batch["img_emb"].float())
-        txt = self.text_condition(batch["txt_emb"])
+        captions, txt_emb = list(batch["txt"]), batch["txt_emb"].float()
         drop = torch.rand(len(x0), device=self.device) < self.text_drop_prob
+        if self.null_condition == "empty_caption":
+            captions, txt_emb = self.with_empty_captions(captions, txt_emb.to(self.device), drop)
+            drop = None
+        tokens = self.tokenize(captions)
+        txt = self.text_condition(txt_emb)
         losses = self.diffusion.training_losses(
             lambda x_t, t: self.net(x_t, t, tokens, txt, drop), x0
         )
@@ -210,6 +268,7 @@ class DiffusionPriorModule(UnclipModule):
                 "best_of": best_of or self.sampling["best_of"],
                 "sampler": sampler or self.sampling["sampler"],
                 "eta": eta,
+                "clip_x0": self.sampling["clip_x0"],
             },
             where="sample()",
         )
@@ -223,7 +282,7 @@ class DiffusionPriorModule(UnclipModule):
         rows = len(prefix)
         guided = scale != 1.0
         if guided:
-            prefix = Prefix.cat([prefix, net.null_condition(rows, self.device)])
+            prefix = Prefix.cat([prefix, self.unconditional_prefix(net, rows)])
         cache = net.cache(prefix)
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -239,6 +298,7 @@ class DiffusionPriorModule(UnclipModule):
             sampler=cfg["sampler"],
             eta=float(cfg["eta"]),
             generator=generator,
+            clip_denoised=None if cfg["clip_x0"] is None else (-cfg["clip_x0"], cfg["clip_x0"]),
             device=self.device,
         )
         z = self.embedding_norm.denormalize(x0)

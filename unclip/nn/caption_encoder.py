@@ -20,6 +20,9 @@ from torch import nn
 from unclip.nn.transformer import TextTransformer
 
 MODES = ("own", "clip")
+# the pooled summary: the EOT token's state, or (clip mode) that state through CLIP's text projection,
+# i.e. the CLIP text embedding itself (what diffusers' UnCLIP decoder adds to its timestep embedding)
+POOLED = ("eot", "projected")
 PAD_ID = 0  # open_clip pads with 0 after the EOT token
 
 
@@ -39,7 +42,9 @@ class CaptionEncoder(nn.Module):
     pad_mask [B,L] True = real token)`.
 
     In "clip" mode `width`, `context_length`, `layers` and `heads` come from the CLIP's text tower
-    (the arguments are ignored) and `clip` is a spec for `unclip.clip.load_clip`.
+    (the arguments are ignored) and `clip` is a spec for `unclip.clip.load_clip`; `pooled` picks the
+    summary (`pooled_dim` wide): "eot" or, in clip mode only, "projected" (the raw CLIP text
+    embedding).
     """
 
     def __init__(
@@ -51,11 +56,17 @@ class CaptionEncoder(nn.Module):
         heads: int = 4,
         clip: str | None = None,
         dropout: float = 0.0,
+        pooled: str = "eot",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"caption encoder mode must be one of {MODES}, got {mode!r}")
+        if pooled not in POOLED:
+            raise ValueError(f"caption encoder pooled must be one of {POOLED}, got {pooled!r}")
+        if pooled == "projected" and mode != "clip":
+            raise ValueError("caption encoder pooled='projected' needs mode 'clip' (a CLIP projection)")
         self.mode = mode
+        self.pooled = pooled
         self.text: TextTransformer | None = None
         self._clip: FrozenHandle | None = None
         if mode == "own":
@@ -76,6 +87,9 @@ class CaptionEncoder(nn.Module):
             self.context_length = int(model.context_length)
             self.out_dim = int(model.transformer.width)
             self._tokenizer = bundle.tokenizer
+        self.pooled_dim = self.out_dim
+        if pooled == "projected":
+            self.pooled_dim = int(self._projection(torch.zeros(1, self.out_dim)).shape[-1])
 
     @property
     def clip_model(self) -> nn.Module | None:
@@ -110,7 +124,24 @@ class CaptionEncoder(nn.Module):
         states, pad_mask = states[:, :length].float(), pad_mask[:, :length]
         eot_index = pad_mask.long().sum(dim=-1) - 1
         pooled = states[torch.arange(states.shape[0], device=states.device), eot_index]
+        if self.pooled == "projected":
+            pooled = self._projection(pooled)
         return states, pooled, pad_mask
+
+    def _projection(self, pooled: torch.Tensor) -> torch.Tensor:
+        """CLIP's text projection (a matrix or a Linear, depending on the open_clip model)."""
+        projection = self.clip_model.text_projection
+        if isinstance(projection, nn.Module):
+            return projection(pooled)
+        return pooled @ projection.to(pooled.dtype)
+
+    @torch.no_grad()
+    def clip_text_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, embed] raw (un-normalised) CLIP text embeddings of full-length tokens (clip mode)."""
+        if self.clip_model is None:
+            raise ValueError("CLIP text embeddings need caption encoder mode 'clip'")
+        states, pooled, _ = self.forward(tokens)
+        return pooled if self.pooled == "projected" else self._projection(pooled)
 
     def _own(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.text(tokens)
