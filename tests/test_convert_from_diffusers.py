@@ -174,7 +174,9 @@ def test_decoder_matches_unet2dcondition_with_text_proj(tmp_path: Path) -> None:
         ours_null = net.denoise(x_t, t, dropped)
     delta = (ours - want).abs().max().item()
     null_delta = (ours_null - want_null).abs().max().item()
-    print(f"decoder max |delta|: {delta:.2e} (null image embedding: {null_delta:.2e}; outputs up to {want.abs().max():.1f})")
+    print(
+        f"decoder max |delta|: {delta:.2e} (null image embedding: {null_delta:.2e}; outputs up to {want.abs().max():.1f})"
+    )
     assert want.abs().max() > 0.1
     assert delta <= TOL and null_delta <= TOL
 
