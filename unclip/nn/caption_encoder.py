@@ -64,7 +64,9 @@ class CaptionEncoder(nn.Module):
         if pooled not in POOLED:
             raise ValueError(f"caption encoder pooled must be one of {POOLED}, got {pooled!r}")
         if pooled == "projected" and mode != "clip":
-            raise ValueError("caption encoder pooled='projected' needs mode 'clip' (a CLIP projection)")
+            raise ValueError(
+                "caption encoder pooled='projected' needs mode 'clip' (a CLIP projection)"
+            )
         self.mode = mode
         self.pooled = pooled
         self.text: TextTransformer | None = None
