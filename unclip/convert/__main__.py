@@ -1,5 +1,5 @@
 """python -m unclip.convert from-diffusers SRC --stage prior|decoder|upsampler --out CKPT [--clip SPEC]
-python -m unclip.convert to-diffusers --prior P.ckpt --decoder D.ckpt [--upsampler U.ckpt] --out DIR
+python -m unclip.convert to-diffusers --prior P.ckpt --decoder D.ckpt --upsampler U.ckpt --out DIR
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     outward.add_argument("--decoder", required=True, help="decoder checkpoint")
     outward.add_argument(
         "--upsampler",
-        default=None,
-        help="64->256-style upsampler checkpoint (default: none; "
-        "the pipeline then gets an identity-free stand-in, see README)",
+        required=True,
+        help="upsampler checkpoint (UnCLIPPipeline always runs one super-resolution stage)",
     )
     outward.add_argument(
         "--clip", default=None, help="CLIP spec of the text encoder (default: the prior's)"

@@ -29,10 +29,15 @@ DEFAULT_SAMPLING: dict[str, Any] = {"steps": 27, "sampler": "ddim", "eta": 0.0}
 
 
 def resize(
-    images: torch.Tensor, size: int, mode: str, antialias: bool | None = None
+    images: torch.Tensor,
+    size: int,
+    mode: str,
+    antialias: bool | None = None,
+    clamp: bool = True,
 ) -> torch.Tensor:
-    """Square-resize [B, C, H, W] in [-1, 1]; anti-aliased when shrinking (None), or as told (what
-    diffusers' UnCLIP pipeline does when enlarging: antialias=True)."""
+    """Square-resize [B, C, H, W] in [-1, 1]; anti-aliased when shrinking (None), or as told, and
+    clamped back to [-1, 1] unless `clamp=False` (diffusers' UnCLIP pipeline enlarges with
+    antialias=True and no clamp)."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
     if antialias is None:
@@ -40,7 +45,7 @@ def resize(
     out = F.interpolate(
         images, size=(size, size), mode=mode, align_corners=False, antialias=antialias
     )
-    return out.clamp(-1, 1)
+    return out.clamp(-1, 1) if clamp else out
 
 
 def random_crops(
@@ -83,8 +88,9 @@ class UpsamplerModule(UnclipModule):
     up as conditioning. sampling: default steps / sampler / eta of `upsample`. residual: diffuse
     the difference from the resized low-resolution image instead of the image (not the paper's;
     a fresh network then upsamples like plain resizing, which a tiny model improves on quickly).
-    lift_antialias: resize the low-resolution image up with PyTorch's anti-aliased kernel, as
-    diffusers' UnCLIP pipeline (and so Karlo's released upsampler) does; they differ by up to 0.17.
+    lift_antialias: resize the low-resolution image up with PyTorch's anti-aliased kernel and no
+    clamp, as diffusers' UnCLIP pipeline (and so Karlo's released upsampler) does; the two lifts
+    differ by up to 0.17.
     val_samples: images upsampled on the first validation batch and scored against the truth and
     against plain resizing (val/sample_mse, val/resize_mse); 0 to skip. val_seed: seeds the
     validation crops, corruption and noise, and the sampling noise of validation and grids.
@@ -181,7 +187,9 @@ class UpsamplerModule(UnclipModule):
 
     def lift(self, low_res: torch.Tensor) -> torch.Tensor:
         """The low-resolution image resized to the target size: the network's conditioning."""
-        return resize(low_res, self.image_size, self.resize_mode, self.lift_antialias or None)
+        if self.lift_antialias:  # exactly as diffusers' UnCLIPPipeline lifts the decoder's image
+            return resize(low_res, self.image_size, self.resize_mode, antialias=True, clamp=False)
+        return resize(low_res, self.image_size, self.resize_mode)
 
     def training_pair(
         self, images: torch.Tensor, generator: torch.Generator | None = None
