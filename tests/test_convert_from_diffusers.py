@@ -51,7 +51,7 @@ def tiny_prior() -> torch.nn.Module:
 
 
 def tiny_decoder() -> tuple[torch.nn.Module, torch.nn.Module]:
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from unclip.convert.to_diffusers import text_proj_class
 
     unet = diffusers.UNet2DConditionModel(
         sample_size=8,
@@ -67,7 +67,7 @@ def tiny_decoder() -> tuple[torch.nn.Module, torch.nn.Module]:
         resnet_time_scale_shift="scale_shift",
         class_embed_type="identity",
     )
-    text_proj = UnCLIPTextProjModel(
+    text_proj = text_proj_class()(
         clip_extra_context_tokens=4,
         clip_embeddings_dim=EMBED,
         time_embed_dim=128,

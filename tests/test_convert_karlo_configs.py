@@ -80,8 +80,7 @@ def test_prior_karlo_config_has_karlo_shapes() -> None:
 
 
 def test_decoder_karlo_config_has_karlo_shapes() -> None:
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-
+    from unclip.convert.to_diffusers import text_proj_class
     from unclip.models.decoder import DecoderModule
 
     cfg = model_config("decoder_karlo")
@@ -89,7 +88,7 @@ def test_decoder_karlo_config_has_karlo_shapes() -> None:
     with torch.device("meta"):
         net = DecoderModule(**{**cfg, "ema": None}).net
         unet = diffusers.UNet2DConditionModel(**KARLO_DECODER).state_dict()
-        proj = UnCLIPTextProjModel(time_embed_dim=1280, cross_attention_dim=1536).state_dict()
+        proj = text_proj_class()(time_embed_dim=1280, cross_attention_dim=1536).state_dict()
     theirs = {f"decoder.{k}": v for k, v in unet.items()}
     theirs.update({f"text_proj.{k}": v for k, v in proj.items()})
     mapped = linked(decoder_links(net), net.state_dict(), theirs, decoder_extra_keys(net))

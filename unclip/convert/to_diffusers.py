@@ -32,6 +32,16 @@ from unclip.training.module import load_module
 log = logging.getLogger(__name__)
 
 
+def text_proj_class() -> type:
+    """diffusers' UnCLIPTextProjModel (under pipelines/deprecated/ since the UnCLIP pipelines were
+    deprecated, under pipelines/unclip/ before)."""
+    try:
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    except ImportError:
+        from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+    return UnCLIPTextProjModel
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(f"cannot export to diffusers' UnCLIPPipeline: {message}")
@@ -112,7 +122,8 @@ def prior_model(module) -> Any:
 
 def decoder_models(module) -> tuple[Any, Any]:
     from diffusers import UNet2DConditionModel
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    UnCLIPTextProjModel = text_proj_class()  # noqa: N806
 
     net = module.eval_net
     _require(
@@ -322,8 +333,6 @@ def _fix_text_proj_entry(out: Path) -> None:
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
     library, name = index["text_proj"]
-    if name == "UnCLIPTextProjModel":
-        from diffusers.pipelines.deprecated.unclip import text_proj
-
-        index["text_proj"] = [text_proj.__name__, name]
+    if library == "diffusers" and name == "UnCLIPTextProjModel":
+        index["text_proj"] = [text_proj_class().__module__, name]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
