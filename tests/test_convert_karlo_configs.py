@@ -62,7 +62,7 @@ def linked(links, ours: dict, theirs: dict, extra: list[str]) -> dict:
 
 
 def test_prior_karlo_config_has_karlo_shapes() -> None:
-    from unclip.models.prior_diffusion import DiffusionPriorModule
+    from unclip.models.diffusion_prior import DiffusionPriorModule
 
     cfg = model_config("prior_diffusion_karlo")
     own_text(cfg, "text_encoder")

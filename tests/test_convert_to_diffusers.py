@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from unclip.clip import register_arch  # noqa: E402
 from unclip.convert.__main__ import main as convert_main  # noqa: E402
 from unclip.models.decoder import DecoderModule  # noqa: E402
-from unclip.models.prior_diffusion import DiffusionPriorModule  # noqa: E402
+from unclip.models.diffusion_prior import DiffusionPriorModule  # noqa: E402
 from unclip.models.upsampler import UpsamplerModule  # noqa: E402
 from unclip.training.module import load_module  # noqa: E402
 

@@ -144,7 +144,7 @@ def test_finetuning_a_converted_prior(converted, embedded_shards: Path, tmp_path
 
 def test_init_from_names_both_shapes_and_can_take_raw_weights(converted, tmp_path: Path) -> None:
     _, ckpt = converted
-    from unclip.models.prior_diffusion import DiffusionPriorModule
+    from unclip.models.diffusion_prior import DiffusionPriorModule
 
     source = load_module(ckpt)
     hparams = dict(source.hparams)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from unclip.clip import load_clip
-from unclip.models.prior_diffusion import DiffusionPriorModule
+from unclip.models.diffusion_prior import DiffusionPriorModule
 from unclip.nn.caption_encoder import CaptionEncoder
 from unclip.nn.decoder_net import DecoderNet
 

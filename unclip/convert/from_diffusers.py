@@ -229,7 +229,7 @@ def _finish(module: UnclipModule) -> UnclipModule:
 
 
 def prior_module(config: dict, weights: dict, scheduler: dict, clip: str | None) -> UnclipModule:
-    from unclip.models.prior_diffusion import DiffusionPriorModule
+    from unclip.models.diffusion_prior import DiffusionPriorModule
 
     module = DiffusionPriorModule(**prior_hparams(config, scheduler, clip))
     net = module.net

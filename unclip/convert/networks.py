@@ -9,7 +9,7 @@ from torch import nn
 
 from unclip.convert.links import Link, module_links
 from unclip.nn.decoder_net import DecoderNet
-from unclip.nn.prior_diffusion import DiffusionPriorNet
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet
 from unclip.nn.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
 
 
