@@ -20,6 +20,7 @@ from unclip.convert.__main__ import main as convert_main  # noqa: E402
 from unclip.models.decoder import DecoderModule  # noqa: E402
 from unclip.models.diffusion_prior import DiffusionPriorModule  # noqa: E402
 from unclip.models.upsampler import UpsamplerModule  # noqa: E402
+from unclip.sampling.pipeline import UnclipPipeline  # noqa: E402
 from unclip.training.module import load_module  # noqa: E402
 
 ARCH = "unclip-convert-test"
@@ -212,7 +213,9 @@ def float64_schedules(pipe) -> None:
         scheduler.one = torch.tensor(1.0, dtype=torch.float64)
 
 
-def test_exported_stack_runs_in_diffusers_and_matches_unclip(stack, tmp_path: Path, capsys) -> None:
+def test_exported_stack_runs_in_diffusers_and_matches_unclip(
+    stack, clip_spec: str, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "pipeline"
     convert_main(
         [
@@ -228,15 +231,24 @@ def test_exported_stack_runs_in_diffusers_and_matches_unclip(stack, tmp_path: Pa
     float64_schedules(pipe)
     exact = run_pipeline(pipe)
 
-    prior, decoder, upsampler = (load_module(stack[k]) for k in ("prior", "decoder", "upsampler"))
-    encoder = prior.net.caption_encoder
-    g = torch.Generator().manual_seed(7)  # the same draws in the same order as the pipeline's
-    with torch.no_grad():
-        txt_emb = encoder.clip_text_embedding(encoder.tokenize(CAPTIONS))
-        z_i = prior.sample(CAPTIONS, txt_emb, generator=g)
-        small = decoder.sample(z_i, CAPTIONS, generator=g)
-        big = upsampler.upsample(small, generator=g)
-    ours = {"z_i": z_i, "lifted": upsampler.lift(small), "images": (big + 1) / 2}
+    # unclip's own text -> image pipeline (what sample.py runs) on the same checkpoints
+    ours_pipe = UnclipPipeline.load(
+        clip=clip_spec,
+        prior=stack["prior"],
+        decoder=stack["decoder"],
+        upsamplers=[stack["upsampler"]],
+        device="cpu",
+    )
+    assert ours_pipe.raw_embeddings  # the Karlo-style prior reads raw CLIP text embeddings
+    generator = torch.Generator().manual_seed(7)  # the same draws in the same order as diffusers'
+    samples = ours_pipe.text_to_image(CAPTIONS, {}, {}, [{}], generator=generator)
+    upsampler = ours_pipe.upsamplers[0]
+    ours = {
+        "z_i": samples.img_emb,
+        "lifted": upsampler.lift(samples.base_images),
+        "images": (samples.images + 1) / 2,
+    }
+    small = samples.base_images
     deltas = {
         run: {key: (ours[key] - seen[key]).abs().max().item() for key in ours}
         for run, seen in (("stock", stock), ("float64", exact))
@@ -251,8 +263,31 @@ def test_exported_stack_runs_in_diffusers_and_matches_unclip(stack, tmp_path: Pa
     assert max(deltas["float64"].values()) <= 1e-5
     # ... and with diffusers' own float32 scheduler, well within what one can see in an image
     assert max(deltas["stock"].values()) <= 5e-3
+    # and back: the pipeline folder converts to unclip checkpoints that sample the same images
+    back = {}
+    for stage in ("prior", "decoder", "upsampler"):
+        back[stage] = tmp_path / f"back_{stage}.ckpt"
+        args = ["from-diffusers", str(out), "--stage", stage, "--out", str(back[stage])]
+        convert_main(args + (["--clip", clip_spec] if stage != "upsampler" else []))
+    again = UnclipPipeline.load(
+        clip=clip_spec,
+        prior=back["prior"],
+        decoder=back["decoder"],
+        upsamplers=[back["upsampler"]],
+        device="cpu",
+    ).text_to_image(
+        CAPTIONS,
+        {"steps": STEPS["prior"], "guidance_scale": PRIOR_SCALE},
+        {"steps": STEPS["decoder"], "guidance_scale": DECODER_SCALE},
+        [{"steps": STEPS["super_res"]}],
+        generator=torch.Generator().manual_seed(7),
+    )
+    round_trip = (again.images - samples.images).abs().max().item()
+    with capsys.disabled():
+        print(f"unclip -> diffusers -> unclip: final images max |delta| {round_trip:.2e}")
+    assert round_trip <= 1e-5
     # not a trivial match: the images differ between captions
-    assert (small[0] - small[1]).abs().max() > 0.05 and z_i.abs().max() > 0.1
+    assert (small[0] - small[1]).abs().max() > 0.05 and samples.img_emb.abs().max() > 0.1
 
 
 def test_exported_text_encoder_and_tokenizer_match_open_clip(stack, clip_spec: str, tmp_path: Path):

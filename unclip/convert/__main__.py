@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         "--text-proj", default=None, help="decoder from a model folder: the text_proj folder"
     )
     inward.add_argument(
-        "--low-res-size", type=int, default=None, help="upsampler input size (default: 1/4)"
+        "--low-res-size",
+        type=int,
+        default=None,
+        help="upsampler input size (default: the pipeline decoder's size, else 1/4 of the output)",
     )
 
     outward = commands.add_parser(

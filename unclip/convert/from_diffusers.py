@@ -19,6 +19,7 @@ from torch import nn
 from unclip.convert.folders import (
     is_pipeline,
     model_config,
+    read_config,
     read_model,
     save_checkpoint,
     scheduler_config,
@@ -307,5 +308,8 @@ def convert(
             proj_config, proj_weights = read_model(Path(proj_folder))
             module = decoder_module(config, weights, proj_config, proj_weights, scheduler, clip)
         else:
+            if low_res_size is None and pipeline is not None:
+                # the pipeline feeds its super-resolution stage the decoder's images
+                low_res_size = read_config(pipeline / "decoder")["sample_size"]
             module = upsampler_module(config, weights, scheduler, low_res_size)
     return save_checkpoint(module, out)
