@@ -123,6 +123,23 @@ def test_prior_matches_prior_transformer_full_and_cached(tmp_path: Path) -> None
     assert module.text_embedding == "raw" and not module.embedding_norm.needs_fit
 
 
+def diffusers_decoder(unet, text_proj, x_t, t, img, prompt, states, mask) -> torch.Tensor:
+    """What UnCLIPPipeline computes per decoder step (without its guidance batching)."""
+    hidden, additive = text_proj(
+        image_embeddings=img,
+        prompt_embeds=prompt,
+        text_encoder_hidden_states=states,
+        do_classifier_free_guidance=False,
+    )
+    return unet(
+        x_t,
+        t,
+        encoder_hidden_states=hidden,
+        class_labels=additive,
+        attention_mask=F.pad(mask, (text_proj.clip_extra_context_tokens, 0), value=True),
+    ).sample
+
+
 def test_decoder_matches_unet2dcondition_with_text_proj(tmp_path: Path) -> None:
     unet, text_proj = tiny_decoder()
     randomise(unet, seed=2, scale=0.1).save_pretrained(tmp_path / "decoder")
@@ -141,36 +158,12 @@ def test_decoder_matches_unet2dcondition_with_text_proj(tmp_path: Path) -> None:
     states = torch.randn(batch, TOKENS, EMBED, generator=g)
     mask = caption_mask(batch, TOKENS)
     with torch.no_grad():
-        hidden, additive = text_proj(
-            image_embeddings=img,
-            prompt_embeds=prompt,
-            text_encoder_hidden_states=states,
-            do_classifier_free_guidance=False,
-        )
-        want = unet(
-            x_t,
-            t,
-            encoder_hidden_states=hidden,
-            class_labels=additive,
-            attention_mask=F.pad(mask, (4, 0), value=True),
-        ).sample
+        want = diffusers_decoder(unet, text_proj, x_t, t, img, prompt, states, mask)
         ours = net.denoise(x_t, t, net.condition_on_states(img, states, prompt, mask))
         # a dropped image embedding is diffusers' learned classifier-free guidance embedding
-        dropped = net.condition_on_states(img, states, prompt, mask, torch.ones(batch).bool())
         null = text_proj.learned_classifier_free_guidance_embeddings.expand(batch, -1)
-        hidden_null, additive_null = text_proj(
-            image_embeddings=null,
-            prompt_embeds=prompt,
-            text_encoder_hidden_states=states,
-            do_classifier_free_guidance=False,
-        )
-        want_null = unet(
-            x_t,
-            t,
-            encoder_hidden_states=hidden_null,
-            class_labels=additive_null,
-            attention_mask=F.pad(mask, (4, 0), value=True),
-        ).sample
+        want_null = diffusers_decoder(unet, text_proj, x_t, t, null, prompt, states, mask)
+        dropped = net.condition_on_states(img, states, prompt, mask, torch.ones(batch).bool())
         ours_null = net.denoise(x_t, t, dropped)
     delta = (ours - want).abs().max().item()
     null_delta = (ours_null - want_null).abs().max().item()

@@ -201,6 +201,16 @@ def run_pipeline(pipe) -> dict[str, torch.Tensor]:
     return {**seen, "images": torch.from_numpy(images).permute(0, 3, 1, 2)}
 
 
+def load_ours(clip_spec: str, paths: dict[str, Path]) -> UnclipPipeline:
+    return UnclipPipeline.load(
+        clip=clip_spec,
+        prior=paths["prior"],
+        decoder=paths["decoder"],
+        upsamplers=[paths["upsampler"]],
+        device="cpu",
+    )
+
+
 def float64_schedules(pipe) -> None:
     """The same cosine schedule in float64: UnCLIPScheduler's float32 tables lose ~1e-3 of beta
     near t=0 to cancellation (1 - a_t / a_prev), which unclip's float64 chain does not."""
@@ -232,13 +242,7 @@ def test_exported_stack_runs_in_diffusers_and_matches_unclip(
     exact = run_pipeline(pipe)
 
     # unclip's own text -> image pipeline (what sample.py runs) on the same checkpoints
-    ours_pipe = UnclipPipeline.load(
-        clip=clip_spec,
-        prior=stack["prior"],
-        decoder=stack["decoder"],
-        upsamplers=[stack["upsampler"]],
-        device="cpu",
-    )
+    ours_pipe = load_ours(clip_spec, stack)
     assert ours_pipe.raw_embeddings  # the Karlo-style prior reads raw CLIP text embeddings
     generator = torch.Generator().manual_seed(7)  # the same draws in the same order as diffusers'
     samples = ours_pipe.text_to_image(CAPTIONS, {}, {}, [{}], generator=generator)
@@ -269,13 +273,7 @@ def test_exported_stack_runs_in_diffusers_and_matches_unclip(
         back[stage] = tmp_path / f"back_{stage}.ckpt"
         args = ["from-diffusers", str(out), "--stage", stage, "--out", str(back[stage])]
         convert_main(args + (["--clip", clip_spec] if stage != "upsampler" else []))
-    again = UnclipPipeline.load(
-        clip=clip_spec,
-        prior=back["prior"],
-        decoder=back["decoder"],
-        upsamplers=[back["upsampler"]],
-        device="cpu",
-    ).text_to_image(
+    again = load_ours(clip_spec, back).text_to_image(
         CAPTIONS,
         {"steps": STEPS["prior"], "guidance_scale": PRIOR_SCALE},
         {"steps": STEPS["decoder"], "guidance_scale": DECODER_SCALE},

@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_dir
 
 diffusers = pytest.importorskip("diffusers")
 
-from tests.conftest import TINY_EMBED_DIM  # noqa: E402
-from tests.test_convert_from_diffusers import caption_mask, randomise  # noqa: E402
+from conftest import TINY_EMBED_DIM  # noqa: E402
+from test_convert_from_diffusers import caption_mask, randomise  # noqa: E402
+
 from unclip.convert.from_diffusers import convert  # noqa: E402
 from unclip.training.init_from import init_weights  # noqa: E402
 from unclip.training.module import load_module  # noqa: E402
