@@ -176,7 +176,8 @@ def test_decoder_matches_unet2dcondition_with_text_proj(tmp_path: Path) -> None:
 
 def test_upsampler_matches_unet2dmodel_and_lifts_like_the_pipeline(tmp_path: Path) -> None:
     theirs = randomise(tiny_upsampler(), seed=5)
-    theirs.save_pretrained(tmp_path / "sr")
+    theirs.save_pretrained(tmp_path / "sr", safe_serialization=False)  # a torch .bin this time
+    assert (tmp_path / "sr" / "diffusion_pytorch_model.bin").is_file()
     module = load_module(convert(tmp_path / "sr", "upsampler", tmp_path / "sr.ckpt"))
     assert (module.low_res_size, module.image_size) == (4, 16)
 
@@ -195,3 +196,19 @@ def test_upsampler_matches_unet2dmodel_and_lifts_like_the_pipeline(tmp_path: Pat
     print(f"upsampler max |delta|: {delta:.2e}")
     assert want.abs().max() > 0.1
     assert delta <= TOL
+
+
+def test_cli_errors_are_one_line_naming_what_is_wrong(tmp_path: Path) -> None:
+    from unclip.convert.__main__ import main
+
+    with pytest.raises(SystemExit, match="nowhere: not a diffusers folder"):
+        main(["from-diffusers", str(tmp_path / "nowhere"), "--stage", "prior", "--out", "x.ckpt"])
+    attention_prior = tiny_prior()
+    attention_prior.register_to_config(norm_in_type="layer")
+    attention_prior.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="norm_in_type='layer' is not supported"):
+        main(["from-diffusers", str(tmp_path / "other"), "--stage", "prior", "--out", "x.ckpt"])
+    unet, _ = tiny_decoder()
+    unet.save_pretrained(tmp_path / "decoder")
+    with pytest.raises(SystemExit, match="needs --text-proj"):
+        main(["from-diffusers", str(tmp_path / "decoder"), "--stage", "decoder", "--out", "x.ckpt"])
