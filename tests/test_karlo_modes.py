@@ -7,16 +7,18 @@ from __future__ import annotations
 import torch
 
 from unclip.clip import load_clip
+from unclip.models.captions import build_caption_encoder
 from unclip.models.diffusion_prior import DiffusionPriorModule
-from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.decoder_net import DecoderNet
+from unclip.nn.decoder_net import DecoderNet, DecoderNetConfig
+from unclip.nn.unet import UNetConfig
 
 CAPTIONS = ["a red circle", "a blue star on a green square"]
 
 
 def test_projected_pooled_text_is_clips_text_embedding() -> None:
     torch.manual_seed(0)
-    encoder = CaptionEncoder("clip", clip="unclip-tiny", pooled="projected")
+    text = {"mode": "clip", "clip": "unclip-tiny", "pooled": "projected"}
+    encoder = build_caption_encoder(text, "model.net.text")
     tokens = encoder.tokenize(CAPTIONS)
     _, pooled, _ = encoder(encoder.trim(tokens))
     with torch.no_grad():
@@ -24,12 +26,11 @@ def test_projected_pooled_text_is_clips_text_embedding() -> None:
     assert encoder.pooled_dim == want.shape[1] != encoder.out_dim
     assert (pooled - want).abs().max() < 1e-5
     assert (encoder.clip_text_embedding(tokens) - want).abs().max() < 1e-5
-    decoder = DecoderNet(
-        want.shape[1],
-        unet={"model_channels": 16, "channel_mult": [1], "attention_resolutions": []},
-        text={"mode": "clip", "clip": "unclip-tiny", "pooled": "projected"},
+    config = DecoderNetConfig(
+        unet=UNetConfig(model_channels=16, channel_mult=(1,), attention_resolutions=()),
         text_proj_norm=True,
     )
+    decoder = DecoderNet(want.shape[1], config, caption_encoder=encoder, image_size=8)
     assert decoder.unet.cond_proj.in_features == 2 * want.shape[1]
     assert isinstance(decoder.text_norm, torch.nn.LayerNorm)
 

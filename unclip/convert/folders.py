@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from unclip.resources import conf_path
 from unclip.training.module import CHECKPOINT_CLASS_KEY, UnclipModule
 
 WEIGHT_FILES = (
@@ -18,7 +19,6 @@ WEIGHT_FILES = (
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
 )
-MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def is_pipeline(folder: Path) -> bool:
@@ -60,7 +60,7 @@ def scheduler_config(pipeline: Path | None, name: str) -> dict[str, Any]:
 
 def model_config(name: str) -> dict[str, Any]:
     """A `conf/model/<name>.yaml` as a plain dict without `_target_` and `defaults`."""
-    path = MODEL_CONF / f"{name}.yaml"
+    path = conf_path("model", f"{name}.yaml")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     return {k: v for k, v in cfg.items() if k not in ("_target_", "defaults")}
 

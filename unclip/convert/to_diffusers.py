@@ -27,6 +27,7 @@ from unclip.convert.networks import (
     prior_links,
     unet_links,
 )
+from unclip.nn.unet import UNetConfig
 from unclip.training.module import load_module
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,16 @@ def _check_diffusion(module, where: str, prediction: str) -> None:
     )
 
 
-def _unet_blocks(unet_cfg: dict, image_size: int, where: str) -> tuple[list[int], list[bool]]:
-    """(block_out_channels, attention per level) of a UNet config, checked for diffusers."""
-    base = int(unet_cfg.get("model_channels", 64))
-    mult = list(unet_cfg.get("channel_mult", (1, 2, 4)))
-    channels = [base * m for m in mult]
+def _unet_blocks(cfg: UNetConfig, image_size: int, where: str) -> tuple[list[int], list[bool]]:
+    """(block_out_channels, attention per level) of a built UNet's config, checked for diffusers."""
+    mult = list(cfg.channel_mult)
+    channels = [cfg.model_channels * m for m in mult]
     _require(
         all(c % 32 == 0 for c in channels),
         f"{where} channels {channels} must be multiples of 32 (diffusers' GroupNorm(32))",
     )
-    _require(unet_cfg.get("resblock_updown", True), f"{where}.resblock_updown must be true")
-    resolutions = set(unet_cfg.get("attention_resolutions", (16, 8)))
+    _require(cfg.resblock_updown, f"{where}.resblock_updown must be true")
+    resolutions = set(cfg.attention_resolutions)
     attention = [image_size // 2**level in resolutions for level in range(len(mult))]
     return channels, attention
 
@@ -142,14 +142,14 @@ def decoder_models(module) -> tuple[Any, Any]:
         net.text.out_dim == module.embed_dim == net.text.pooled_dim,
         "the decoder's CLIP text width and embedding size must equal embed_dim (UnCLIPTextProjModel)",
     )
-    unet_cfg = dict(module.hparams["net"]["unet"])
+    unet_cfg = net.config.unet
     channels, attention = _unet_blocks(unet_cfg, module.image_size, "the decoder's model.net.unet")
     _require(any(attention), "the decoder needs attention (diffusers' middle block always attends)")
     theirs_unet = UNet2DConditionModel(
         sample_size=module.image_size,
         in_channels=3,
         out_channels=6,
-        layers_per_block=int(unet_cfg.get("num_res_blocks", 2)),
+        layers_per_block=unet_cfg.num_res_blocks,
         block_out_channels=channels,
         down_block_types=[
             "SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attention
@@ -160,12 +160,10 @@ def decoder_models(module) -> tuple[Any, Any]:
         ],
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         cross_attention_dim=net.context_dim,
-        attention_head_dim=int(unet_cfg.get("num_head_channels", 32)),
-        resnet_time_scale_shift="scale_shift"
-        if unet_cfg.get("use_scale_shift_norm", True)
-        else "default",
+        attention_head_dim=unet_cfg.num_head_channels,
+        resnet_time_scale_shift="scale_shift" if unet_cfg.use_scale_shift_norm else "default",
         class_embed_type="identity",
-        dropout=float(unet_cfg.get("dropout", 0.0)),
+        dropout=unet_cfg.dropout,
     )
     theirs_proj = UnCLIPTextProjModel(
         clip_extra_context_tokens=net.num_image_tokens,
@@ -195,24 +193,20 @@ def upsampler_model(module) -> Any:
         log.warning(
             "the upsampler has lift_antialias=false; diffusers' pipeline lifts with antialias"
         )
-    unet_cfg = dict(module.hparams.get("unet") or {})
-    channels, _ = _unet_blocks(
-        {**unet_cfg, "attention_resolutions": []}, module.image_size, "the upsampler's model.unet"
-    )
+    unet_cfg = module.eval_net.config
+    channels, _ = _unet_blocks(unet_cfg, module.image_size, "the upsampler's model.unet")
     levels = len(channels)
     theirs = UNet2DModel(
         sample_size=module.image_size,
         in_channels=6,
         out_channels=6 if module.diffusion.learned_variance else 3,
-        layers_per_block=int(unet_cfg.get("num_res_blocks", 2)),
+        layers_per_block=unet_cfg.num_res_blocks,
         block_out_channels=channels,
         down_block_types=["ResnetDownsampleBlock2D"] * levels,
         up_block_types=["ResnetUpsampleBlock2D"] * levels,
         add_attention=False,
-        resnet_time_scale_shift="scale_shift"
-        if unet_cfg.get("use_scale_shift_norm", True)
-        else "default",
-        dropout=float(unet_cfg.get("dropout", 0.0)),
+        resnet_time_scale_shift="scale_shift" if unet_cfg.use_scale_shift_norm else "default",
+        dropout=unet_cfg.dropout,
     )
     theirs.load_state_dict(
         to_theirs(unet_links(module.eval_net), module.eval_net.state_dict(), theirs.state_dict())

@@ -3,13 +3,15 @@
 Two sources, a config choice of every stage that reads captions:
   - "own":  a small causal `TextTransformer` over open_clip BPE tokens, trained with the stage
             (what the paper's priors and GLIDE-style decoder do);
-  - "clip": the frozen token states of a CLIP text tower (what Karlo's decoder does). The CLIP is
-            loaded from its spec at construction, never trained, and kept out of the stage's
-            state_dict (the checkpoint stores the spec, not the weights).
+  - "clip": the frozen token states of a CLIP text tower (what Karlo's decoder does). The stage
+            loads the CLIP from the spec in `clip` and hands it in; it is never trained and kept
+            out of the stage's state_dict (the checkpoint stores the spec, not the weights).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import open_clip
@@ -24,6 +26,40 @@ MODES = ("own", "clip")
 # i.e. the CLIP text embedding itself (what diffusers' UnCLIP decoder adds to its timestep embedding)
 POOLED = ("eot", "projected")
 PAD_ID = 0  # open_clip pads with 0 after the EOT token
+EOT_TOKEN_ID = 49407
+
+
+@dataclass
+class CaptionEncoderConfig:
+    """`model.text_encoder` (priors) / `model.net.text` (decoder). In "clip" mode width,
+    context_length, layers and heads come from the CLIP's text tower and `clip` is a spec for
+    `unclip.clip.load_clip`. pooled: the summary, "eot" or (clip mode) "projected", the raw CLIP
+    text embedding (Karlo's decoder)."""
+
+    mode: str = "own"
+    width: int = 256
+    context_length: int = 77
+    layers: int = 2
+    heads: int = 4
+    clip: str | None = None
+    dropout: float = 0.0
+    pooled: str = "eot"
+
+
+def token_states(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token text states of an open_clip CLIP after `ln_final` (what Karlo's decoder attends
+    to) and the mask of tokens up to and including EOT. `encode_text` returns only the pooled
+    vector."""
+    if not hasattr(model, "token_embedding"):
+        raise NotImplementedError(
+            f"token states need open_clip's built-in text tower; {type(model).__name__} has a custom one"
+        )
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding.to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    eot_position = (tokens == EOT_TOKEN_ID).int().argmax(dim=-1, keepdim=True)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+    return x, positions <= eot_position
 
 
 class FrozenHandle:
@@ -38,59 +74,66 @@ class FrozenHandle:
 
 
 class CaptionEncoder(nn.Module):
-    """`tokenize(captions)` then `forward(tokens) -> (states [B,L,out_dim], pooled [B,out_dim],
+    """`tokenize(captions)` then `forward(tokens) -> (states [B,L,out_dim], pooled [B,pooled_dim],
     pad_mask [B,L] True = real token)`.
 
-    In "clip" mode `width`, `context_length`, `layers` and `heads` come from the CLIP's text tower
-    (the arguments are ignored) and `clip` is a spec for `unclip.clip.load_clip`; `pooled` picks the
-    summary (`pooled_dim` wide): "eot" or, in clip mode only, "projected" (the raw CLIP text
-    embedding).
+    "clip" mode needs `clip_model` (an open_clip CLIP, frozen here) and its `tokenizer`.
     """
 
     def __init__(
         self,
-        mode: str = "own",
-        width: int = 256,
-        context_length: int = 77,
-        layers: int = 4,
-        heads: int = 4,
-        clip: str | None = None,
-        dropout: float = 0.0,
-        pooled: str = "eot",
+        config: CaptionEncoderConfig | None = None,
+        /,
+        *,
+        clip_model: nn.Module | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"caption encoder mode must be one of {MODES}, got {mode!r}")
-        if pooled not in POOLED:
-            raise ValueError(f"caption encoder pooled must be one of {POOLED}, got {pooled!r}")
-        if pooled == "projected" and mode != "clip":
+        config = config if config is not None else CaptionEncoderConfig(**settings)
+        if config.mode not in MODES:
+            raise ValueError(f"caption encoder mode must be one of {MODES}, got {config.mode!r}")
+        if config.pooled not in POOLED:
+            raise ValueError(
+                f"caption encoder pooled must be one of {POOLED}, got {config.pooled!r}"
+            )
+        if config.pooled == "projected" and config.mode != "clip":
             raise ValueError(
                 "caption encoder pooled='projected' needs mode 'clip' (a CLIP projection)"
             )
-        self.mode = mode
-        self.pooled = pooled
+        self.config = config
+        self.pooled = config.pooled
+        self.mode = config.mode
         self.text: TextTransformer | None = None
         self._clip: FrozenHandle | None = None
-        if mode == "own":
-            self.text = TextTransformer(context_length, width, layers, heads, dropout=dropout)
-            self.context_length = context_length
-            self.out_dim = width
-            self._tokenizer: Any = open_clip.SimpleTokenizer(context_length=context_length)
-        else:
-            if not clip:
-                raise ValueError("caption encoder mode 'clip' needs a CLIP spec in `clip`")
-            from unclip.clip import load_clip  # late import: loading may pull in Lightning
-
-            bundle = load_clip(clip)
-            model = bundle.model.eval().requires_grad_(False)
-            if not hasattr(model, "token_embedding"):
-                raise ValueError(f"CLIP {clip!r} has no open_clip text tower to read tokens from")
-            self._clip = FrozenHandle(model)
-            self.context_length = int(model.context_length)
-            self.out_dim = int(model.transformer.width)
-            self._tokenizer = bundle.tokenizer
+        if config.mode == "own":
+            self.text = TextTransformer(
+                config.context_length,
+                config.width,
+                config.layers,
+                config.heads,
+                dropout=config.dropout,
+            )
+            self.context_length = config.context_length
+            self.out_dim = config.width
+            self.pooled_dim = config.width
+            self._tokenizer: Any = open_clip.SimpleTokenizer(context_length=config.context_length)
+            return
+        if clip_model is None or tokenizer is None:
+            raise ValueError(
+                "caption encoder mode 'clip' needs the CLIP named in `clip` (the stage loads it)"
+            )
+        model = clip_model.eval().requires_grad_(False)
+        if not hasattr(model, "token_embedding"):
+            raise ValueError(
+                f"CLIP {config.clip!r} has no open_clip text tower to read tokens from"
+            )
+        self._clip = FrozenHandle(model)
+        self.context_length = int(model.context_length)
+        self.out_dim = int(model.transformer.width)
+        self._tokenizer = tokenizer
         self.pooled_dim = self.out_dim
-        if pooled == "projected":
+        if config.pooled == "projected":
             self.pooled_dim = int(self._projection(torch.zeros(1, self.out_dim)).shape[-1])
 
     @property
@@ -117,9 +160,7 @@ class CaptionEncoder(nn.Module):
                 f"{length} tokens per caption exceed context_length {self.context_length}"
             )
         if self.text is not None:
-            return self._own(tokens)
-        from unclip.clip import token_states
-
+            return self.text(tokens)
         full = F.pad(tokens, (0, self.context_length - length), value=PAD_ID)
         with torch.no_grad():
             states, pad_mask = token_states(self.clip_model, full)
@@ -142,11 +183,8 @@ class CaptionEncoder(nn.Module):
         """[B, embed] raw (un-normalised) CLIP text embeddings of full-length tokens (clip mode)."""
         if self.clip_model is None:
             raise ValueError("CLIP text embeddings need caption encoder mode 'clip'")
-        states, pooled, _ = self.forward(tokens)
+        _, pooled, _ = self.forward(tokens)
         return pooled if self.pooled == "projected" else self._projection(pooled)
-
-    def _own(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.text(tokens)
 
     # the frozen CLIP follows the encoder across devices and dtypes without being registered
     def _apply(self, fn: Any, recurse: bool = True) -> CaptionEncoder:
