@@ -157,6 +157,13 @@ def decoder_hparams(config: dict, text_proj: dict, scheduler: dict, clip: str | 
         addition_embed_type=None,
         encoder_hid_dim=None,
         time_embedding_dim=None,
+        time_cond_proj_dim=None,
+        timestep_post_act=None,
+        resnet_skip_time_act=False,
+        resnet_out_scale_factor=1.0,
+        conv_in_kernel=3,
+        conv_out_kernel=3,
+        mid_block_only_cross_attention=None,
     )
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     attention = {"SimpleCrossAttnDownBlock2D": True, "ResnetDownsampleBlock2D": False}
@@ -202,7 +209,7 @@ def upsampler_hparams(config: dict, scheduler: dict, low_res_size: int | None) -
     for kind in config["up_block_types"]:
         if kind != "ResnetUpsampleBlock2D":
             raise ValueError(f"{where}: up block {kind!r} is not supported (no attention)")
-    _expect(config, where, add_attention=False, in_channels=6)
+    _expect(config, where, add_attention=False, in_channels=6, class_embed_type=None)
     size = config["sample_size"]
     hp = model_config("upsampler_256_karlo")
     hp.update(image_size=size, low_res_size=low_res_size or size // 4)
