@@ -11,6 +11,7 @@ import lightning as L
 import open_clip
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -20,7 +21,9 @@ from unclip.convert.__main__ import main as convert_main  # noqa: E402
 from unclip.models.decoder import DecoderModule  # noqa: E402
 from unclip.models.diffusion_prior import DiffusionPriorModule  # noqa: E402
 from unclip.models.upsampler import UpsamplerModule  # noqa: E402
+from unclip.resources import conf_dir  # noqa: E402
 from unclip.sampling.pipeline import UnclipPipeline  # noqa: E402
+from unclip.sampling.run import sample  # noqa: E402
 from unclip.training.module import load_module  # noqa: E402
 
 ARCH = "unclip-convert-test"
@@ -284,6 +287,25 @@ def test_exported_stack_runs_in_diffusers_and_matches_unclip(
     with capsys.disabled():
         print(f"unclip -> diffusers -> unclip: final images max |delta| {round_trip:.2e}")
     assert round_trip <= 1e-5
+    # sample.py takes the converted checkpoints with the README's overrides (fewer steps)
+    overrides = [
+        f"out_dir={tmp_path / 'sampled'}",
+        f"clip.checkpoint={clip_spec}",
+        f"prior.checkpoint={back['prior']}",
+        f"prior.diffusion.steps={STEPS['prior']}",
+        "prior.diffusion.best_of=1",
+        f"decoder.checkpoint={back['decoder']}",
+        f"decoder.steps={STEPS['decoder']}",
+        "decoder.sampler=ddpm",
+        f"upsamplers=[{{checkpoint:{back['upsampler']},steps:{STEPS['super_res']},sampler:ddpm,eta:0.0}}]",
+        "captions=[a red circle]",
+        "samples_per_caption=2",
+        "progress=false",
+        "device=cpu",
+    ]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        sample(compose("sample", overrides=overrides))
+    assert len(list((tmp_path / "sampled" / "images").glob("*.png"))) == 2
     # not a trivial match: the images differ between captions
     assert (small[0] - small[1]).abs().max() > 0.05 and samples.img_emb.abs().max() > 0.1
 
