@@ -171,3 +171,34 @@ def test_init_from_names_both_shapes_and_can_take_raw_weights(converted, tmp_pat
     assert torch.allclose(same.ema.module.out.bias, source.net.out.bias + 1)
     init_weights(same, shifted, use_ema=False)
     assert torch.equal(same.net.out.bias, source.net.out.bias)
+
+
+def test_init_from_fills_every_stage(tmp_path: Path) -> None:
+    """A converted decoder and upsampler initialise fresh modules of their config exactly (the
+    prior's case is the fine-tuning test above)."""
+    from test_convert_from_diffusers import tiny_decoder, tiny_upsampler
+
+    unet, text_proj = tiny_decoder()
+    randomise(unet, seed=21, scale=0.1).save_pretrained(tmp_path / "decoder")
+    randomise(text_proj, seed=22, scale=0.1).save_pretrained(tmp_path / "text_proj")
+    randomise(tiny_upsampler(), seed=23).save_pretrained(tmp_path / "sr")
+    checkpoints = [
+        convert(
+            tmp_path / "decoder", "decoder", tmp_path / "d.ckpt", text_proj=tmp_path / "text_proj"
+        ),
+        convert(tmp_path / "sr", "upsampler", tmp_path / "u.ckpt"),
+    ]
+    for ckpt in checkpoints:
+        source = load_module(ckpt)
+        torch.manual_seed(99)
+        fresh = type(source)(**dict(source.hparams))
+        assert any(
+            not torch.equal(a, b)
+            for a, b in zip(fresh.net.parameters(), source.net.parameters(), strict=True)
+        )
+        init_weights(fresh, ckpt)
+        for module in (fresh.net, fresh.ema.module):
+            for (key, want), got in zip(
+                source.net.state_dict().items(), module.state_dict().values(), strict=True
+            ):
+                assert torch.equal(want, got), key
