@@ -24,6 +24,7 @@ from unclip.diffusion import guide_halves, is_guided
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.ar_prior_tokenizer import EmbeddingTokenizer
 from unclip.models.captions import build_caption_encoder
+from unclip.models.prior_variants import ValVariants, log_prior_variants, variants_config
 from unclip.models.selection import best_by_dot_product
 from unclip.nn.ar_prior_net import ARPriorNet, ARPriorNetConfig
 from unclip.nn.caption_encoder import CaptionEncoderConfig
@@ -92,6 +93,7 @@ class ARPriorModule(UnclipModule):
         "net": ARPriorNetConfig,
         "text_encoder": CaptionEncoderConfig,
         "sampling": ARPriorSampling,
+        "val_variants": ValVariants,
     }
     settings_config = ARPriorConfig
 
@@ -100,6 +102,7 @@ class ARPriorModule(UnclipModule):
         net: dict | None = None,
         text_encoder: dict | None = None,
         sampling: dict | None = None,
+        val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
         **settings: Any,
@@ -111,6 +114,7 @@ class ARPriorModule(UnclipModule):
         self.embed_dim = config.embed_dim
         self.fit_samples = config.fit_samples
         self.text_drop_prob = config.text_drop_prob
+        self.val_variants = variants_config(val_variants, has_steps=False)
         self.sampling = build_config(ARPriorSampling, sampling, "model.sampling")
         self.val_sample_batches = config.val_sample_batches
         codes = (config.num_components, config.num_buckets, config.dot_buckets)
@@ -200,6 +204,12 @@ class ARPriorModule(UnclipModule):
         sampled = self.sample(batch["txt"], txt_emb, generator=self.generator(batch_idx))
         for key, value in prior_metrics(sampled, img_emb, txt_emb).items():
             self.log(f"val/{key}", value, batch_size=size, sync_dist=True)
+        log_prior_variants(
+            self,
+            batch,
+            batch_idx,
+            lambda captions, txt_emb, steps: self.sample(captions, txt_emb, self.generator(0)),
+        )
 
     # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -32,15 +32,24 @@ class UpsamplerSampling:
     sampler: str = "ddim"
 
 
-def resize(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """Square-resize [B, C, H, W] in [-1, 1]; anti-aliased when shrinking."""
+def resize(
+    images: torch.Tensor,
+    size: int,
+    mode: str,
+    antialias: bool | None = None,
+    clamp: bool = True,
+) -> torch.Tensor:
+    """Square-resize [B, C, H, W] in [-1, 1]; anti-aliased when shrinking (None), or as told, and
+    clamped back to [-1, 1] unless `clamp=False` (diffusers' UnCLIP pipeline enlarges with
+    antialias=True and no clamp)."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
-    shrinking = size < images.shape[-1]
+    if antialias is None:
+        antialias = size < images.shape[-1]
     out = F.interpolate(
-        images, size=(size, size), mode=mode, align_corners=False, antialias=shrinking
+        images, size=(size, size), mode=mode, align_corners=False, antialias=antialias
     )
-    return out.clamp(-1, 1)
+    return out.clamp(-1, 1) if clamp else out
 
 
 def random_crops(
@@ -89,6 +98,10 @@ class UpsamplerConfig:
     resize_mode: str = "bicubic"
     # diffuse the difference from the resized low-resolution image (not the paper's)
     residual: bool = False
+    # lift the low-resolution image with PyTorch's anti-aliased kernel and no clamp, as
+    # diffusers' UnCLIP pipeline (and so Karlo's released upsampler) does; the lifts differ by
+    # up to 0.17
+    lift_antialias: bool = False
     # images upsampled at each validation and scored (val/sample_mse, val/resize_mse); 0: skip
     val_samples: int = 8
     # seeds the validation crops, corruption and noise, and the sampling noise of validation
@@ -149,6 +162,7 @@ class UpsamplerModule(DiffusionStage):
         self.crop_size = round(config.image_size * config.crop_fraction)
         self.resize_mode = config.resize_mode
         self.residual = bool(config.residual)
+        self.lift_antialias = bool(config.lift_antialias)
         self.val_samples = int(config.val_samples)
         self.net = self._build_unet(unet)
         self.degradation = build_degradation(degradation)
@@ -184,6 +198,8 @@ class UpsamplerModule(DiffusionStage):
 
     def lift(self, low_res: torch.Tensor) -> torch.Tensor:
         """The low-resolution image resized to the target size: the network's conditioning."""
+        if self.lift_antialias:  # exactly as diffusers' UnCLIPPipeline lifts the decoder's image
+            return resize(low_res, self.image_size, self.resize_mode, antialias=True, clamp=False)
         return resize(low_res, self.image_size, self.resize_mode)
 
     def training_pair(
