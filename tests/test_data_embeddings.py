@@ -55,8 +55,11 @@ def test_batches_hold_the_rows_as_written(folder) -> None:
     dm = datamodule(root)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
+    assert batch["img_emb"].dtype == torch.float16  # as stored, through the worker queue
+    batch = dm.on_after_batch_transfer(batch, 0)  # what Lightning calls on the device
     assert list(batch) == ["__key__", "txt", "img_emb", "txt_emb", "skipped"]
     assert batch["img_emb"].dtype == torch.float32 and batch["img_emb"].shape == (4, DIM)
+    assert batch["txt_emb"].dtype == torch.float32
     for i, key in enumerate(batch["__key__"]):
         img, txt = written[key]
         assert batch["txt"][i] == f"photo {int(key)}"

@@ -5,9 +5,9 @@
     ROOT/metadata/metadata_{N}.parquet    image_path (= the webdataset key), caption, ...
 
 Row i of a partition's three files is one sample. Partitions follow no tar order, so the key is the
-only link to the images. Arrays are opened with `np.load(mmap_mode="r", allow_pickle=False)` for
-each read and closed after it: pages the OS maps in are dropped again with the mapping, so what a
-reader holds does not grow with the file. pyarrow is imported only here (the `laion` extra).
+only link to the images. Headers are read with `np.load(mmap_mode="r", allow_pickle=False)`; each
+read then memory-maps just the rows it needs and closes the map after it, so what a reader holds
+(and what the OS maps in for it) is one chunk, however large the file. pyarrow is imported only here (the `laion` extra).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class Partition:
     rows: int
     dim: int
     dtype: str
+    img_offset: int  # where the array data starts in each .npy (after its header)
+    txt_offset: int
 
 
 def open_array(path: Path) -> np.ndarray:
@@ -60,17 +62,27 @@ def open_array(path: Path) -> np.ndarray:
         ) from None
 
 
-def _array_shape(path: Path) -> tuple[tuple[int, ...], str]:
+def _array_header(path: Path) -> tuple[tuple[int, ...], str, int]:
+    """(shape, dtype, data offset) of a plain C-order float [rows, D] `.npy`."""
     array = open_array(path)
     try:
-        if array.dtype.kind != "f" or array.ndim != 2:
+        if array.dtype.kind != "f" or array.ndim != 2 or not array.flags.c_contiguous:
             raise ValueError(
-                f"{path}: expected a float16/float32 array [rows, D], got {array.dtype} "
+                f"{path}: expected a C-order float16/float32 array [rows, D], got {array.dtype} "
                 f"{list(array.shape)}"
             )
-        return array.shape, str(array.dtype)
+        return array.shape, str(array.dtype), int(array.offset)
     finally:
         del array
+
+
+def map_rows(path: Path, dtype: str, dim: int, offset: int, start: int, stop: int) -> np.ndarray:
+    """A read-only memory map of rows [start, stop) only (not the whole file: what is mapped,
+    and so what can become resident, is one chunk)."""
+    row_bytes = dim * np.dtype(dtype).itemsize
+    return np.memmap(
+        path, dtype=dtype, mode="r", offset=offset + start * row_bytes, shape=(stop - start, dim)
+    )
 
 
 def _parquet_rows(path: Path) -> int:
@@ -133,41 +145,44 @@ def find_partitions(
         for path in (txt, meta):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing (partition {name} has {img.name})")
-        (rows, dim), dtype = _array_shape(img)
-        txt_shape, _ = _array_shape(txt)
+        (rows, dim), dtype, img_offset = _array_header(img)
+        txt_shape, txt_dtype, txt_offset = _array_header(txt)
         meta_rows = _parquet_rows(meta)
         if txt_shape != (rows, dim) or meta_rows != rows:
             raise ValueError(
                 f"partition {name}: {img} holds {rows} rows of D={dim} but {txt} "
                 f"{list(txt_shape)} and {meta} {meta_rows} rows; row i of the three must be one sample"
             )
+        if txt_dtype != dtype:
+            raise ValueError(f"{img} holds {dtype} but {txt} {txt_dtype}: store both alike")
         expected = embed_dim if embed_dim is not None else (parts[0].dim if parts else dim)
         if dim != expected:
             source = "data.embed_dim" if embed_dim is not None else f"partition {parts[0].name}"
             raise ValueError(f"{img} holds D={dim} embeddings but {source} is {expected}")
-        part = Partition(name, img, txt, meta, rows, dim, dtype)
+        part = Partition(name, img, txt, meta, rows, dim, dtype, img_offset, txt_offset)
         if normalized:
             _check_normalised(part, "data.normalized")
         parts.append(part)
     return parts
 
 
-def read_embeddings(part: Partition, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [start, stop) of a partition's image and text embeddings as float32 copies; the memory
-    maps are closed again before returning."""
-    img, txt = open_array(part.img), open_array(part.txt)
+def copy_embeddings(
+    part: Partition, start: int, stop: int, img_out: np.ndarray, txt_out: np.ndarray
+) -> None:
+    """Copy rows [start, stop) of a partition's image and text embeddings into the given arrays
+    (as stored: no conversion); the memory maps are closed again before returning."""
+    img = map_rows(part.img, part.dtype, part.dim, part.img_offset, start, stop)
+    txt = map_rows(part.txt, part.dtype, part.dim, part.txt_offset, start, stop)
     try:
-        return (
-            np.array(img[start:stop], dtype=np.float32),
-            np.array(txt[start:stop], dtype=np.float32),
-        )
+        img_out[:] = img
+        txt_out[:] = txt
     finally:
         del img, txt
 
 
 def read_metadata(part: Partition, columns: Sequence[str] = (KEY_COLUMN, CAPTION_COLUMN)) -> Any:
     """A partition's metadata columns as a pyarrow table (nothing else of the file is decoded)."""
-    return _pyarrow_parquet().read_table(part.meta, columns=list(columns))
+    return _pyarrow_parquet().ParquetFile(part.meta).read(columns=list(columns))
 
 
 class MetadataCache:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from unclip.data.decoding import DataError, SkipTracker
-from unclip.data.embedding_folder import MetadataCache, Partition, read_embeddings
+from unclip.data.embedding_folder import MetadataCache, Partition, copy_embeddings
 from unclip.data.splitting import worker_info
 
 Piece = tuple[int, int, int]  # (partition index, first row, end row)
@@ -115,7 +115,9 @@ class RowPlan:
 
 
 class Batcher:
-    """Full batches of the contract's keys out of filtered window rows."""
+    """Full batches of the contract's keys out of filtered window rows. Embeddings stay as stored
+    (float16 for LAION): half the bytes through the worker queue; `EmbeddingDataModule` makes them
+    float32 after the batch reached its device."""
 
     def __init__(self, fields: Sequence[str], batch_size: int, tracker: SkipTracker) -> None:
         self.fields, self.batch_size, self.tracker = tuple(fields), batch_size, tracker
@@ -126,25 +128,48 @@ class Batcher:
         self._parts.append((keys, captions, img, txt))
         self._count += len(keys)
         while self._count >= self.batch_size:
-            keys = [k for part in self._parts for k in part[0]]
-            captions = [c for part in self._parts for c in part[1]]
-            img = np.concatenate([part[2] for part in self._parts])
-            txt = np.concatenate([part[3] for part in self._parts])
-            b = self.batch_size
-            self._parts = [(keys[b:], captions[b:], img[b:], txt[b:])]
-            self._count -= b
-            yield self._batch(keys[:b], captions[:b], img[:b], txt[:b])
+            yield self._batch(*self._take(self.batch_size))
+
+    def _take(self, rows: int) -> tuple[list, list, np.ndarray, np.ndarray]:
+        """The first `rows` buffered rows: views of one window when they lie in one (most
+        batches), a copy of just those rows when they straddle two."""
+        taken: list[tuple[list, list, np.ndarray, np.ndarray]] = []
+        while rows:
+            keys, captions, img, txt = self._parts[0]
+            n = min(rows, len(keys))
+            taken.append((keys[:n], captions[:n], img[:n], txt[:n]))
+            if n == len(keys):
+                self._parts.pop(0)
+            else:
+                self._parts[0] = (keys[n:], captions[n:], img[n:], txt[n:])
+            rows -= n
+            self._count -= n
+        if len(taken) == 1:
+            return taken[0]
+        return (
+            [k for part in taken for k in part[0]],
+            [c for part in taken for c in part[1]],
+            np.concatenate([part[2] for part in taken]),
+            np.concatenate([part[3] for part in taken]),
+        )
 
     def _batch(self, keys: list, captions: list, img: np.ndarray, txt: np.ndarray) -> dict:
         batch: dict[str, Any] = {"__key__": keys}
         if "txt" in self.fields:
             batch["txt"] = captions
         if "img_emb" in self.fields:
-            batch["img_emb"] = torch.from_numpy(np.ascontiguousarray(img))
+            batch["img_emb"] = torch.from_numpy(img)
         if "txt_emb" in self.fields:
-            batch["txt_emb"] = torch.from_numpy(np.ascontiguousarray(txt))
+            batch["txt_emb"] = torch.from_numpy(txt)
         batch["skipped"] = torch.tensor(self.tracker.take_skipped(), dtype=torch.long)
         return batch
+
+
+def finite_rows(array: np.ndarray) -> np.ndarray:
+    """Which rows hold no NaN/inf; float16 by its exponent bits (2x numpy's emulated isfinite)."""
+    if array.dtype == np.float16:  # exponent bits all set: inf or NaN
+        return (array.view(np.uint16) & 0x7C00).max(axis=1) != 0x7C00
+    return np.isfinite(array).all(axis=1)
 
 
 def read_rows(
@@ -155,35 +180,40 @@ def read_rows(
     order: np.ndarray | None = None,
 ) -> tuple[list, list, np.ndarray, np.ndarray]:
     """The good rows of `pieces` (in `order`, a permutation of their rows, when given): keys,
-    captions, image and text embeddings. Bad rows are skipped, named and counted."""
+    captions, image and text embeddings as stored (float16 for LAION: half the bytes to shuffle;
+    batches are float32). Bad rows are skipped, named and counted."""
     keys: list = []
     captions: list = []
-    img_parts, txt_parts, source = [], [], []
+    rows = rows_in(pieces)
+    dtype = np.result_type(*(partitions[i].dtype for i, _, _ in pieces))
+    img = np.empty((rows, partitions[pieces[0][0]].dim), dtype)
+    txt = np.empty_like(img)
+    source = np.empty(rows, np.int64)
+    at = 0
     for number, (index, start, stop) in enumerate(pieces):
-        part = partitions[index]
-        img, txt = read_embeddings(part, start, stop)
+        part, end = partitions[index], at + stop - start
+        copy_embeddings(part, start, stop, img[at:end], txt[at:end])
         piece_keys, piece_captions = cache.rows(part, start, stop)
         keys += piece_keys
         captions += piece_captions
-        img_parts.append(img)
-        txt_parts.append(txt)
-        source.append(np.full(stop - start, number))
-    img, txt, source = np.concatenate(img_parts), np.concatenate(txt_parts), np.concatenate(source)
+        source[at:end] = number
+        at = end
     if order is not None:
         img, txt, source = img[order], txt[order], source[order]
         keys, captions = [keys[i] for i in order], [captions[i] for i in order]
-    good = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
+    good = finite_rows(img) & finite_rows(txt)
     good &= np.array([k is not None and c is not None for k, c in zip(keys, captions, strict=True)])
     for row in np.flatnonzero(~good):
         part = partitions[pieces[source[row]][0]]
-        reason = "no image_path or caption" if np.isfinite(img[row]).all() else "NaN or inf"
+        finite = np.isfinite(img[row]).all() and np.isfinite(txt[row]).all()
+        reason = "no image_path or caption" if finite else "NaN or inf"
         tracker.skip(str(part.img.parent.parent), keys[row], f"partition {part.name}: {reason}")
     tracker.good += int(good.sum())
     if not good.all():
         keep = np.flatnonzero(good)
         img, txt = img[keep], txt[keep]
         keys, captions = [keys[i] for i in keep], [captions[i] for i in keep]
-    return [str(k) for k in keys], [str(c).strip() for c in captions], img, txt
+    return keys, [c.strip() for c in captions], img, txt
 
 
 def first_rows(
@@ -193,8 +223,8 @@ def first_rows(
     tracker: SkipTracker,
     chunk_rows: int = 65536,
 ) -> tuple[list, list, np.ndarray, np.ndarray]:
-    """Up to `max_rows` good rows of `ranges`, in order: the same on every rank (validation and
-    the statistics a stage fits before training)."""
+    """Up to `max_rows` good rows of `ranges`, in order, embeddings as float32: the same on every
+    rank (validation and the statistics a stage fits before training)."""
     cache = MetadataCache()
     out: list[tuple[list, list, np.ndarray, np.ndarray]] = []
     held = 0
@@ -209,8 +239,8 @@ def first_rows(
         return [], [], empty, empty
     keys = [k for part in out for k in part[0]][:max_rows]
     captions = [c for part in out for c in part[1]][:max_rows]
-    img = np.concatenate([part[2] for part in out])[:max_rows]
-    txt = np.concatenate([part[3] for part in out])[:max_rows]
+    img = np.concatenate([part[2] for part in out])[:max_rows].astype(np.float32)
+    txt = np.concatenate([part[3] for part in out])[:max_rows].astype(np.float32)
     return keys, captions, img, txt
 
 

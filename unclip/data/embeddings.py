@@ -90,7 +90,11 @@ class EmbeddingDataModule(L.LightningDataModule):
         min_samples_for_abort: int = 200,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        image_size: int | None = None,
     ) -> None:
+        """`image_size` is unused (the folder holds no images); it is accepted so that configs
+        which set it for image stages still compose, and then fail on the fields, naming the join
+        tool, instead of on an unknown key."""
         super().__init__()
         for key, value in {
             "embed_dim": embed_dim,
@@ -221,6 +225,14 @@ class EmbeddingDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches leave the workers as stored (float16 for LAION: half the bytes to
+        move); on the device they become the float32 the batch contract promises."""
+        for name in ("img_emb", "txt_emb"):
+            if isinstance(batch, dict) and name in batch and batch[name].dtype != torch.float32:
+                batch[name] = batch[name].float()
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:
