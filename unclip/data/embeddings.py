@@ -30,6 +30,7 @@ from unclip.data.embedding_folder import Partition, find_partitions
 from unclip.data.embedding_stream import EmbeddingStream, Piece, first_rows
 from unclip.data.format import check_fields
 from unclip.data.streams import Collate
+from unclip.data.values import check_data_values
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +97,21 @@ class EmbeddingDataModule(L.LightningDataModule):
         which set it for image stages still compose, and then fail on the fields, naming the join
         tool, instead of on an unknown key."""
         super().__init__()
-        for key, value in {
-            "embed_dim": embed_dim,
-            "batch_size": batch_size,
-            "val_batch_size": val_batch_size or 1,
-            "chunk_rows": chunk_rows,
-        }.items():
-            if value < 1:
-                raise ValueError(f"data.{key} must be at least 1, got {value}")
-        for key, value in {
-            "num_workers": num_workers,
-            "shuffle_buffer": shuffle_buffer,
-            "val_rows": val_rows,
-            "min_samples_for_abort": min_samples_for_abort,
-        }.items():
-            if value < 0:
-                raise ValueError(f"data.{key} must not be negative, got {value}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        check_data_values(
+            {
+                "embed_dim": embed_dim,
+                "batch_size": batch_size,
+                "val_batch_size": val_batch_size or 1,
+                "chunk_rows": chunk_rows,
+            },
+            {
+                "num_workers": num_workers,
+                "shuffle_buffer": shuffle_buffer,
+                "val_rows": val_rows,
+                "min_samples_for_abort": min_samples_for_abort,
+            },
+            max_bad_fraction,
+        )
         self.fields = check_fields(fields)
         absent = [f for f in self.fields if f not in EMBEDDING_ROW_FIELDS]
         if absent:
