@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
+from unclip.data.embedding_stream import as_is
 from unclip.data.embeddings import EmbeddingDataModule
 
 GIB = 2**30
@@ -122,7 +123,7 @@ def ours(root: Path, args: argparse.Namespace, workers: int) -> Iterator[int]:
         batch_size=args.batch_size, num_workers=workers, val_rows=0, persistent_workers=False,
     )  # fmt: skip
     dm.setup("fit")
-    loader = DataLoader(dm.train_stream(), batch_size=None, num_workers=workers)
+    loader = DataLoader(dm.train_stream(), batch_size=None, num_workers=workers, collate_fn=as_is)
     batches = args.rows // args.batch_size  # one pass (the stream itself is endless)
     for _, batch in zip(range(batches), loader, strict=False):
         batch = dm.on_after_batch_transfer(batch, 0)  # float16 -> float32, as Lightning calls it

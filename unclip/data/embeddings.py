@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from unclip.data.decoding import SkipTracker
 from unclip.data.embedding_folder import Partition, find_partitions
-from unclip.data.embedding_stream import EmbeddingStream, Piece, first_rows
+from unclip.data.embedding_stream import EmbeddingStream, Piece, as_is, first_rows
 from unclip.data.format import check_fields
 from unclip.data.streams import Collate
 from unclip.data.values import check_data_values
@@ -219,6 +219,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_stream(start),
             batch_size=None,
+            collate_fn=as_is,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
