@@ -257,8 +257,10 @@ class EmbeddingStream(IterableDataset):
     accumulation). DataLoader workers hand batches out in turn, so worker w of k made
     len(range(w, start_batch, k)) of them: it resumes at that many batches' worth of rows into
     its own order. A new DataLoader starts with its worker 0, so worker ids are rotated by
-    start_batch to put the worker due next first. A resumed run thus continues the interrupted one's row order; only rows the
-    first run skipped as bad shift it (by that many rows, which are then read again).
+    start_batch to put the worker due next first. A resumed run thus continues the interrupted
+    one's row order; only rows the first run skipped as bad shift it (by that many rows, which
+    are then read again). This holds for the same ranks, workers, batch size, chunk_rows and
+    shuffle_buffer; with others a run still resumes, in another deal of the rows.
     """
 
     def __init__(

@@ -9,7 +9,9 @@ bytes copied through, the caption (the parquet's when the shard has none), the j
 `img_emb.npy` / `txt_emb.npy` as stored. `meta.json` beside them records the CLIP and its size, so
 `data=webdataset data.train_shards='DIR2/train-*.tar'` trains the decoder. Shard keys without a
 row, rows whose key is in no shard, and keys found twice on either side are printed and written to
-`join_report.json`; of a duplicate the first occurrence is kept.
+`join_report.json`; of a duplicate the first occurrence is kept. The key index is held in memory
+(about 100 bytes a row): point --embeddings at the partitions that cover your shards, not at all
+of LAION.
 """
 
 from __future__ import annotations
