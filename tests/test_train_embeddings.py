@@ -33,8 +33,8 @@ TINY = {
         "model.normalization.max_samples=64", "model.optim.warmup_steps=5",
     ],
     "prior_ar": [
-        "model.num_components=8", "model.num_buckets=8", "model.dot_buckets=4",
-        "model.fit_samples=64", "model.net.width=32", "model.net.layers=1", "model.net.heads=2",
+        "model.num_components=8", "model.num_buckets=8", "+model.dot_buckets=4",
+        "+model.fit_samples=64", "model.net.width=32", "model.net.layers=1", "model.net.heads=2",
         "model.text_encoder.width=32", "model.text_encoder.layers=1",
         "model.text_encoder.heads=2", "model.text_encoder.context_length=8",
         "model.optim.warmup_steps=5", "model.optim.lr=1e-2", "data.batch_size=32",
