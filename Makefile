@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/prior_bench.py
 	$(PY) bench/unet_bench.py
 	$(PY) bench/optimizer_bench.py
+	$(PY) bench/embedding_reader_bench.py
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -7,9 +7,12 @@ so `load_module(path)` can rebuild any stage without being told which one it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import inspect
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,14 +62,16 @@ class EMAConfig:
 class UnclipModule(L.LightningModule):
     """Subclasses build `self.net` (the trained nn.Module) and call `self.init_ema()` after it.
 
-    `config_groups` maps a stage's nested config blocks to the dataclasses they fill, so
-    `validate_config` (run by train.py before anything is built) and the stage itself read them
-    the same way."""
+    `config_groups` maps a stage's nested config blocks to the dataclasses they fill, and
+    `settings_config` is the dataclass of its top-level scalar settings (`model.<key>`, taken as
+    `**settings`): both the only place their defaults live, so `validate_config` (run by train.py
+    before anything is built) and the stage itself read them the same way."""
 
     data_fields: list[str] = []
     embed_dim: int | None = None  # the CLIP embedding size the stage consumes
     net: nn.Module
     config_groups: ClassVar[dict[str, type]] = {"optim": OptimConfig, "ema": EMAConfig}
+    settings_config: ClassVar[type | None] = None
 
     def __init__(self, optim: dict | None = None, ema: dict | None = None) -> None:
         super().__init__()
@@ -81,6 +86,35 @@ class UnclipModule(L.LightningModule):
         for group, config in cls.config_groups.items():
             if cfg.get(group) is not None:
                 build_config(config, cfg[group], f"{where}.{group}")
+        if cls.settings_config is not None:
+            cls.build_settings(cls.scalar_settings(cfg), where)
+
+    @classmethod
+    def block_names(cls) -> set[str]:
+        """The constructor's named arguments: the nested blocks; the rest are scalar settings."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self"}
+
+    @classmethod
+    def scalar_settings(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The keys of a `model` block that `settings_config` holds (what `**settings` gets)."""
+        blocks = cls.block_names()
+        return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in blocks}
+
+    @classmethod
+    def build_settings(cls, settings: Mapping[str, Any], where: str = "model") -> Any:
+        """`settings_config` from the scalar `model.<key>` settings: its defaults, overridden."""
+        return build_config(cls.settings_config, settings, where, also_known=cls.block_names())
+
+    def save_settings(self, settings: Any) -> None:
+        """Checkpoint the effective scalar settings (a later change of a default does not move
+        an old checkpoint) beside the nested blocks as the constructor holds them: plain
+        containers, `weights_only` loading, and `cls(**hparams)` rebuilds the stage. Called
+        from the stage's `__init__`, whose blocks it reads (as Lightning's
+        `save_hyperparameters` reads its arguments)."""
+        caller = inspect.currentframe().f_back.f_locals
+        blocks = {name: caller[name] for name in self.block_names()}
+        self.save_hyperparameters({**dataclasses.asdict(settings), **blocks})
 
     def generator(self, seed: int) -> torch.Generator:
         """Where random generators live: on the module's device (the AR prior draws codes there),
@@ -96,6 +130,20 @@ class UnclipModule(L.LightningModule):
     def eval_net(self) -> nn.Module:
         """The network used for validation and sampling: the EMA weights when there are any."""
         return self.ema.module if self.ema is not None else self.net
+
+    @contextlib.contextmanager
+    def sampling_weights(self, which: str = "ema") -> Iterator[None]:
+        """Inside, `eval_net` is the EMA network (`"ema"`, the default) or the online one
+        (`"online"`): metrics of both sets of weights from one module."""
+        if which not in ("ema", "online"):
+            raise ValueError(f"sampling weights must be 'ema' or 'online', got {which!r}")
+        ema = self.ema
+        if which == "online":
+            self.ema = None
+        try:
+            yield
+        finally:
+            self.ema = ema
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # the EMA follows each optimiser step here, before any callback's on_train_batch_end, so a
