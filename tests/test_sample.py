@@ -217,3 +217,29 @@ def test_ddim_inversion_then_eta0_decoding_reconstructs(
     fresh = pipe.decode(out.img_emb, ["", ""], torch.Generator().manual_seed(0), steps=20)
     baseline = (fresh.cpu() - images).abs().mean().item()
     assert error < 0.1 and error < baseline / 3, (error, baseline)
+
+
+def test_channels_last_weights_sample_the_same_images(stack: dict[str, Path]) -> None:
+    def images(channels_last: bool) -> torch.Tensor:
+        pipe = UnclipPipeline.load(
+            clip=str(stack["clip"]),
+            decoder=stack["decoder"],
+            prior=stack["prior"],
+            upsamplers=[stack["upsampler"]],
+            device="cpu",
+            channels_last=channels_last,
+        )
+        weight = next(p for p in pipe.decoder.eval_net.parameters() if p.dim() == 4)
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        out = pipe.text_to_image(
+            ["a red circle", "a blue star"],
+            {"steps": 3},
+            {"steps": 4, "sampler": "dpmpp_2m"},
+            [{"steps": 2, "sampler": "dpmpp_2m"}],
+            generator=pipe.generator(0),
+        )
+        return out.images
+
+    plain, nhwc = images(False), images(True)
+    assert plain.abs().max() > 0.1  # real images, not an all-zero tensor on both sides
+    torch.testing.assert_close(nhwc, plain, atol=1e-4, rtol=0)

@@ -57,6 +57,7 @@ def load_pipeline(cfg: DictConfig, with_prior: bool) -> UnclipPipeline:
         upsamplers=upsamplers,
         device=cfg.device,
         ema=cfg.ema,
+        channels_last=cfg.channels_last,
     )
 
 
