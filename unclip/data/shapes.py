@@ -105,7 +105,7 @@ def scene(split: str, index: int, seed: int, pair_fraction: float) -> dict[str, 
         words = [obj["colour"], obj["shape"]]
         if rng.random() < 0.5:
             words.insert(0, obj["size"])
-        record.update(objects=[obj], relation=None, caption=_with_article(words))
+        record.update(objects=[obj], relation=None, caption=with_article(words))
         return record
     first = _object(*rng.choice(combos(split)), PAIR_SCALE, rng)
     # beside a held-out object, anything goes; elsewhere no object is a held-out combination
@@ -120,13 +120,14 @@ def scene(split: str, index: int, seed: int, pair_fraction: float) -> dict[str, 
     after[along] = _place(0.5 + after["radius"], 1 - after["radius"] - MARGIN, rng)
     for obj in (first, second):
         obj[across] = _place(obj["radius"] + MARGIN, 1 - obj["radius"] - MARGIN, rng)
-    phrases = [_with_article([obj["colour"], obj["shape"]]) for obj in (first, second)]
+    phrases = [with_article([obj["colour"], obj["shape"]]) for obj in (first, second)]
     caption = f"{phrases[0]} {relation} {phrases[1]}"
     record.update(objects=[first, second], relation=relation, caption=caption)
     return record
 
 
-def _with_article(words: list[str]) -> str:
+def with_article(words: list[str]) -> str:
+    """["red", "circle"] -> "a red circle" (and "an orange ...")."""
     return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
 
@@ -153,12 +154,19 @@ def render(record: dict[str, Any], size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for obj in record["objects"]:
         cx, cy, r = obj["x"] * size, obj["y"] * size, obj["radius"] * size
-        fill = tuple(obj["rgb"])
-        if obj["shape"] == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon(_polygon(obj["shape"], cx, cy, r), fill=fill)
+        draw_shape(draw, obj["shape"], cx, cy, r, tuple(obj["rgb"]))
     return image
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: Any
+) -> None:
+    """One shape of radius `r` pixels centred at (cx, cy): the generator's drawing, also the
+    template the pixel judge (unclip.evaluation.shapes_judge) fits to generated objects."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
 def _write_shard(task: tuple[str, int, int, int, dict[str, Any]]) -> int:
