@@ -37,13 +37,40 @@ def pair_rows(
         ground_truth = F.interpolate(
             ground_truth, size=samples.shape[-2:], mode="bilinear", antialias=True
         )
-    factor = max(1, math.ceil((display_size or 0) / samples.shape[-1]))
-    if factor > 1:
-        samples = F.interpolate(samples, scale_factor=factor, mode="nearest")
-        ground_truth = F.interpolate(ground_truth, scale_factor=factor, mode="nearest")
+    samples, ground_truth = enlarge(samples, display_size), enlarge(ground_truth, display_size)
     return [
         torch.stack([sample, truth]) for sample, truth in zip(samples, ground_truth, strict=True)
     ]
+
+
+def enlarge(images: torch.Tensor, display_size: int | None) -> torch.Tensor:
+    """Images [N, 3, H, W] enlarged by nearest neighbour (pixels stay honest) by the integer
+    factor that reaches `display_size`."""
+    factor = max(1, math.ceil((display_size or 0) / images.shape[-1]))
+    if factor == 1:
+        return images
+    return F.interpolate(images, scale_factor=factor, mode="nearest")
+
+
+def log_grid(
+    trainer: L.Trainer, key: str, grid: Image.Image, caption: str, folder: str = SAMPLES_DIR
+) -> None:
+    """Log a grid image under `key` to every logger of the run: `WandbLogger.log_image`,
+    TensorBoard's `add_image`, and a PNG under `<run dir>/<folder>/` for CSV logging or no logger."""
+    step = trainer.global_step
+    file_wanted = not trainer.loggers
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key, [grid], step=step, caption=[caption])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, np.asarray(grid), step, dataformats="HWC")
+        elif isinstance(logger, CSVLogger):
+            file_wanted = True
+    if file_wanted:
+        path = Path(trainer.default_root_dir) / folder / f"step{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        log.info("%s written to %s", key, path)
 
 
 class SampleGrid(L.Callback):
@@ -99,20 +126,4 @@ class SampleGrid(L.Callback):
             self.log_grid(trainer, grid, captions)
 
     def log_grid(self, trainer: L.Trainer, grid: Image.Image, captions: list[str]) -> None:
-        step = trainer.global_step
-        caption = "sample | ground truth: " + "; ".join(captions)
-        file_wanted = not trainer.loggers
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(self.key, [grid], step=step, caption=[caption])
-            elif isinstance(logger, TensorBoardLogger):
-                pixels = np.asarray(grid)
-                logger.experiment.add_image(self.key, pixels, step, dataformats="HWC")
-            elif isinstance(logger, CSVLogger):
-                file_wanted = True
-        if file_wanted:
-            folder = Path(trainer.default_root_dir) / SAMPLES_DIR
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"step{step:07d}.png"
-            grid.save(path)
-            log.info("sample grid written to %s", path)
+        log_grid(trainer, self.key, grid, "sample | ground truth: " + "; ".join(captions))
