@@ -122,26 +122,30 @@ def _template(shape: str, cx: float, cy: float, r: float, size: tuple[int, int])
     return np.asarray(canvas, dtype=bool)
 
 
-def fit_shape(mask: np.ndarray, shapes: Sequence[str]) -> tuple[str, float]:
-    """The template that best overlaps an object's mask (IoU), fitted to its centroid and area
-    with a small search over scale and half-pixel shifts."""
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def fit_shape(mask: np.ndarray, shapes: Sequence[str], refine: int = 2) -> tuple[str, float]:
+    """The template that best overlaps an object's mask (IoU), fitted to its centroid and area;
+    the `refine` best shapes at that first fit are refined over scale and half-pixel shifts."""
     rows, cols = np.nonzero(mask)
     pad = 3
     top, left = max(rows.min() - pad, 0), max(cols.min() - pad, 0)
     crop = mask[top : rows.max() + pad + 1, left : cols.max() + pad + 1]
     cy, cx = rows.mean() - top + 0.5, cols.mean() - left + 0.5
-    area = float(mask.sum())
+    radius = {s: math.sqrt(float(mask.sum()) / _AREA_AT_UNIT_RADIUS[s]) for s in shapes}
+    first = {s: _iou(_template(s, cx, cy, radius[s], crop.shape), crop) for s in shapes}
     best_shape, best_iou = BLOB, 0.0
-    for shape in shapes:
-        r0 = math.sqrt(area / _AREA_AT_UNIT_RADIUS[shape])
+    for shape in sorted(first, key=first.get, reverse=True)[:refine]:
         for scale in _SCALES:
             for dy in _SHIFTS:
                 for dx in _SHIFTS:
-                    template = _template(shape, cx + dx, cy + dy, r0 * scale, crop.shape)
-                    union = np.logical_or(template, crop).sum()
-                    iou = np.logical_and(template, crop).sum() / union if union else 0.0
+                    template = _template(shape, cx + dx, cy + dy, radius[shape] * scale, crop.shape)
+                    iou = _iou(template, crop)
                     if iou > best_iou:
-                        best_shape, best_iou = shape, float(iou)
+                        best_shape, best_iou = shape, iou
     return best_shape, best_iou
 
 
