@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from unclip.data import shapes
 from unclip.evaluation.shapes_judge import parse_caption
-from unclip.sampling.grid import from_pil
+from unclip.images import from_pil
 from unclip.training.shapes_bench import ShapesBench
 
 SIZE = 64

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# what prior_metrics returns: every prior logs them as val/<name>, the sweep summary shows them
+PRIOR_METRICS = ("cosine", "text_baseline_cosine", "retrieval_acc")
+
 
 @torch.no_grad()
 def prior_metrics(

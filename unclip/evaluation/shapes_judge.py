@@ -290,7 +290,7 @@ def pair_captions(count: int, seed: int = 0) -> list[str]:
         if c1 == c2:
             continue
         relation = generator.RELATIONS[len(captions) % len(generator.RELATIONS)]
-        first, second = (generator.with_article([c, s]) for c, s in ((c1, s1), (c2, s2)))
+        first, second = (generator.with_article(f"{c} {s}") for c, s in ((c1, s1), (c2, s2)))
         caption = f"{first} {relation} {second}"
         if caption not in captions:
             captions.append(caption)
@@ -299,7 +299,7 @@ def pair_captions(count: int, seed: int = 0) -> list[str]:
 
 def single_captions() -> list[str]:
     """ "a red circle" for every colour and shape the generator knows (held-out pairs included)."""
-    return [generator.with_article([c, s]) for c in generator.COLOURS for s in generator.SHAPES]
+    return [generator.with_article(f"{c} {s}") for c in generator.COLOURS for s in generator.SHAPES]
 
 
 # ---- the judge on ground truth --------------------------------------------------------------------

@@ -26,7 +26,7 @@ from unclip.evaluation.shapes_judge import (
     summarise,
 )
 from unclip.evaluation.shapes_judge import pair_captions as benchmark_pairs
-from unclip.sampling.grid import captioned_grid
+from unclip.images import captioned_grid
 from unclip.training.sample_grid import enlarge, log_grid
 
 log = logging.getLogger(__name__)
