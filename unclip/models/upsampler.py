@@ -95,6 +95,11 @@ class UpsamplerModule(DiffusionStage):
     sampling_config = UpsamplerSampling
     config_groups: ClassVar[dict[str, type]] = {**DiffusionStage.config_groups, "unet": UNetConfig}
 
+    @classmethod
+    def validate_config(cls, cfg: dict[str, Any], where: str = "model") -> None:
+        super().validate_config(cfg, where)
+        build_degradation(cfg.get("degradation"))
+
     def __init__(
         self,
         name: str = "upsampler",

@@ -15,7 +15,6 @@ the function that combines their logits: unclip.diffusion.guidance).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,18 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.transformer import KVCache, Prefix, Transformer
+from unclip.nn.transformer import KVCache, Prefix, Transformer, TransformerConfig
 
 
-@dataclass
-class ARPriorNetConfig:
-    """`model.net` of the AR prior."""
-
-    width: int = 256
-    layers: int = 4
-    heads: int = 4
-    mlp_ratio: int = 4
-    dropout: float = 0.0
+class ARPriorNetConfig(TransformerConfig):
+    """`model.net` of the AR prior: its transformer's sizes."""
 
 
 def filter_logits(

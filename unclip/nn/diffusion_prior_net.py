@@ -15,28 +15,27 @@ token and its z_t for a learned null embedding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.transformer import KVCache, Prefix, Transformer, causal_mask, timestep_embedding
+from unclip.nn.transformer import (
+    KVCache,
+    Prefix,
+    Transformer,
+    TransformerConfig,
+    causal_mask,
+    timestep_embedding,
+)
 
 # timestep, noised embedding, query: the tokens after the (caption, z_t) prefix
 TAIL_TOKENS = 3
 
 
-@dataclass
-class DiffusionPriorNetConfig:
-    """`model.net` of the diffusion prior."""
-
-    width: int = 256
-    layers: int = 4
-    heads: int = 4
-    mlp_ratio: int = 4
-    dropout: float = 0.0
+class DiffusionPriorNetConfig(TransformerConfig):
+    """`model.net` of the diffusion prior: its transformer's sizes."""
 
 
 class TimestepEmbedding(nn.Module):

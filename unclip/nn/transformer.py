@@ -86,6 +86,17 @@ class Prefix:
         )
 
 
+@dataclass
+class TransformerConfig:
+    """The sizes of a stack of blocks: what `model.net` of either prior holds."""
+
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
