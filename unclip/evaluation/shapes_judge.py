@@ -104,7 +104,8 @@ def parse_caption(
     colour = "|".join(map(re.escape, colours))
     shape = "|".join(map(re.escape, shapes))
     relation = "|".join(map(re.escape, relations))
-    phrase = rf"an? (?:(?:small|large) )?({colour}) ({shape})"
+    size = "|".join(map(re.escape, generator.SIZES))
+    phrase = rf"an? (?:(?:{size}) )?({colour}) ({shape})"
     match = re.fullmatch(rf"{phrase}(?: ({relation}) {phrase})?", caption.strip().lower())
     if match is None:
         return None
@@ -315,7 +316,8 @@ def render_truth(
         if image.size[0] != size:
             image = image.resize((size, size), Image.Resampling.BICUBIC)
         truth = parse_caption(record["caption"])
-        assert truth is not None, record["caption"]
+        if truth is None:
+            raise ValueError(f"the generator's caption {record['caption']!r} does not parse")
         out.append((np.asarray(image), truth))
     return out
 
