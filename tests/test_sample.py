@@ -235,7 +235,7 @@ def test_decoder_training_logs_the_pixel_judged_benchmark(stack: dict[str, Path]
     for name in ("held_in_single/shape", "held_out_single/colour", "held_in_pairs/both"):
         assert 0.0 <= metrics[f"bench/{name}"] <= 1.0, name
     assert metrics["bench/judge/shape"] >= 0.98  # the judge itself, on real renders at 32 px
-    assert list((run_dir / "bench").glob("step*.png"))
+    assert list((run_dir / "samples").glob("bench-step*.png"))
 
 
 def test_demo_report_prints_the_pixel_judge_table(stack, tmp_path, capsys) -> None:

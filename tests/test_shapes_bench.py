@@ -93,7 +93,7 @@ def test_bench_logs_full_marks_for_ground_truth_and_a_grid(tmp_path) -> None:
     embeddings = module.embeddings_seen[0]
     assert embeddings.shape == (24 + 4, 64)
     assert np.allclose(embeddings.norm(dim=-1).numpy(), 1.0, atol=1e-4)
-    assert list((tmp_path / "bench").glob("step*.png"))
+    assert list((tmp_path / "samples").glob("bench-step*.png"))
 
 
 def test_bench_scores_blank_frames_zero(tmp_path) -> None:

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from unclip.data.samples import read_samples
 from unclip.evaluation.binding import (
     HELD_IN,
     HELD_OUT,
@@ -22,13 +23,13 @@ from unclip.evaluation.binding import (
     summarise,
 )
 from unclip.evaluation.prior_fit import cosine_to_truth
+from unclip.evaluation.sample_set import format_scores, score_sample_run
 from unclip.evaluation.shapes_judge import judge_accuracy, pair_captions
 from unclip.evaluation.shapes_judge import summarise as summarise_pixels
 from unclip.evaluation.shapes_score import SCORE_FILE, bars_met, image_size, judge_run
 from unclip.evaluation.shapes_score import format_table as format_pixel_table
 from unclip.images import load_image
 from unclip.sampling.run import ModeRunner, save_run, settings
-from unclip.sampling.shard_samples import read_samples
 
 
 class Demo(Protocol):
@@ -125,6 +126,12 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     clip_column = {f"{group} single": {"value": stats["shape"]} for group, stats in summary.items()}
     prior = score_prior(demo, sampler)
     reference = clip_reference(demo)
+    image_metrics = score_sample_run(
+        record,
+        out_dir,
+        str(demo.shapes_emb / "val-*.tar"),
+        reference_samples=int(cfg.evaluation.get("reference_samples", 1000)),
+    )
     report = {
         "grid": record["grid"],
         "pixel_judge": pixels,
@@ -137,6 +144,7 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
         "per_caption": per_caption(judged),
         "images": judged,
         "sampling_seconds": record["seconds"],
+        "image_metrics": image_metrics,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / SCORE_FILE).write_text(json.dumps({**report, "images": pixel_records}, indent=2))
@@ -144,6 +152,7 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     print(format_pixel_table(pixels, accuracy, clip_column, "shape (CLIP)"))
     print("\nthe CLIP judge and the prior:")
     print(format_table(summary, prior, dict(cfg.evaluation.bars), reference))
+    print(format_scores(image_metrics))
     print(f"\ngrid: {record['grid']}\nscores: {out_dir / 'report.json'}")
     return report
 

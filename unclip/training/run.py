@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip.training.config_check import check_config
+from unclip.training.generation_eval import generation_eval
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if expected_dim and hasattr(datamodule, "check_embed_dim"):
         datamodule.check_embed_dim(expected_dim, "model.embed_dim")
     loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    evaluation = generation_eval(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
+    if evaluation is not None:
+        callbacks.append(evaluation)
     trainer = instantiate(
         cfg.trainer,
         strategy=instantiate_strategy(cfg.strategy),
-        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=cfg.paths.run_dir,
         _convert_="all",
@@ -101,11 +106,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     model, datamodule, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    initialise(model, cfg, resuming=ckpt_path is not None)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         write_metrics(run_dir, cfg, metrics, trainer.global_step)
     return metrics
+
+
+def initialise(model: L.LightningModule, cfg: DictConfig, resuming: bool) -> None:
+    """`init_from=PATH`: weights from PATH, fresh optimiser and step count; a run that resumes
+    (`ckpt_path=last` with a checkpoint) keeps its own weights instead."""
+    path = cfg.get("init_from")
+    if not path:
+        return
+    if resuming:
+        log.info("resuming this run's checkpoint: init_from=%s is not used", path)
+        return
+    from unclip.training.init_from import init_weights
+
+    init_weights(model, path, use_ema=bool(cfg.get("init_from_ema", True)))
 
 
 def write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:

@@ -52,27 +52,6 @@ def enlarge(images: torch.Tensor, display_size: int | None) -> torch.Tensor:
     return F.interpolate(images, scale_factor=factor, mode="nearest")
 
 
-def log_grid(
-    trainer: L.Trainer, key: str, grid: Image.Image, caption: str, folder: str = SAMPLES_DIR
-) -> None:
-    """Log a grid image under `key` to every logger of the run: `WandbLogger.log_image`,
-    TensorBoard's `add_image`, and a PNG under `<run dir>/<folder>/` for CSV logging or no logger."""
-    step = trainer.global_step
-    file_wanted = not trainer.loggers
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key, [grid], step=step, caption=[caption])
-        elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, np.asarray(grid), step, dataformats="HWC")
-        elif isinstance(logger, CSVLogger):
-            file_wanted = True
-    if file_wanted:
-        path = Path(trainer.default_root_dir) / folder / f"step{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
-        log.info("%s written to %s", key, path)
-
-
 class SampleGrid(L.Callback):
     """Every `every_n_validations` validations (sanity check excluded), sample `num_samples` items
     of the first validation batch and log the grid under `key`: `WandbLogger.log_image`,
@@ -126,4 +105,26 @@ class SampleGrid(L.Callback):
             self.log_grid(trainer, grid, captions)
 
     def log_grid(self, trainer: L.Trainer, grid: Image.Image, captions: list[str]) -> None:
-        log_grid(trainer, self.key, grid, "sample | ground truth: " + "; ".join(captions))
+        log_grid_image(trainer, self.key, grid, "sample | ground truth: " + "; ".join(captions))
+
+
+def log_grid_image(
+    trainer: L.Trainer, key: str, grid: Image.Image, caption: str, file_prefix: str = ""
+) -> None:
+    """A grid image on every logger of the run: a wandb image, a TensorBoard image, and a PNG
+    under `<run dir>/samples/` for CSV logging or no logger (file named by key and step)."""
+    step = trainer.global_step
+    file_wanted = not trainer.loggers
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key, [grid], step=step, caption=[caption])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, np.asarray(grid), step, dataformats="HWC")
+        elif isinstance(logger, CSVLogger):
+            file_wanted = True
+    if file_wanted:
+        folder = Path(trainer.default_root_dir) / SAMPLES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{file_prefix}step{step:07d}.png"
+        grid.save(path)
+        log.info("sample grid written to %s", path)

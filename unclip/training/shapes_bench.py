@@ -4,7 +4,7 @@ Every `every_n_validations` validations (sanity check excluded) a fixed list of 
 (every single-object caption and `pair_captions` two-object ones) runs through the trained CLIP's
 text encoder -> a trained prior -> the decoder being trained; `unclip.evaluation.shapes_judge`
 scores the images and the callback logs `bench/<group>/<metric>` (e.g. `bench/held_in_pairs/both`)
-plus the judge's own accuracy on real renders at this size, and a captioned grid under `bench/grid`,
+plus the judge's own accuracy on real renders at this size, and a captioned grid under `bench/grid` (PNG: samples/bench-step*.png),
 so binding can be watched improving on the dashboard. Without a prior, the caption's CLIP text
 embedding stands in for the image embedding. Modules other than a decoder are left alone.
 """
@@ -27,7 +27,7 @@ from unclip.evaluation.shapes_judge import (
 )
 from unclip.evaluation.shapes_judge import pair_captions as benchmark_pairs
 from unclip.images import captioned_grid
-from unclip.training.sample_grid import enlarge, log_grid
+from unclip.training.sample_grid import enlarge, log_grid_image
 
 log = logging.getLogger(__name__)
 
@@ -142,4 +142,6 @@ class ShapesBench(L.Callback):
             n = self.samples_per_caption
             rows = [enlarge(images[i : i + n], self.display_size) for i in range(0, len(images), n)]
             grid = captioned_grid(rows, captions[::n])
-            log_grid(trainer, f"{self.key}/grid", grid, "; ".join(captions[::n]), "bench")
+            log_grid_image(
+                trainer, f"{self.key}/grid", grid, "; ".join(captions[::n]), file_prefix="bench-"
+            )
