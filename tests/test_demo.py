@@ -103,6 +103,13 @@ def test_a_half_embedded_split_or_an_unfinished_run_is_redone(
     assert trained == ["demo_prior_ar", "demo_upsampler"]
 
 
+def test_the_decoder_benchmark_samples_through_the_demo_prior(tmp_path: Path) -> None:
+    ar = _demo(tmp_path, "prior=prior_ar").train("decoder").commands[0]
+    assert f"callbacks.shapes_bench.prior={tmp_path}/r/demo-prior_ar/checkpoints/last.ckpt" in ar
+    default = _demo(tmp_path).train("decoder").commands[0]
+    assert not any("shapes_bench" in part for part in default)
+
+
 def test_embeddings_of_another_clip_stop_the_demo_naming_the_folder(tmp_path: Path) -> None:
     demo = _demo(tmp_path)
     _embed_meta(demo, "ViT-B-32:openai", {"train": 2, "val": 2, "holdout": 2})

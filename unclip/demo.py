@@ -96,6 +96,9 @@ class Demo:
         command = python(
             "train.py", f"experiment=demo_{stage}", "ckpt_path=last", *self.path_overrides()
         )
+        if stage == "decoder" and self.cfg.prior != PRIORS[0]:
+            # the decoder's binding benchmark samples through the demo's prior
+            command.append(f"callbacks.shapes_bench.prior={self.checkpoint(self.cfg.prior)}")
         return Stage(stage, (self.run_dir(stage) / "metrics.json").is_file, [command])
 
     def embedded(self) -> bool:

@@ -1,5 +1,7 @@
-"""The demo's last stage: sample a grid with sample.py's own code, then score it and print the table
-(colour from pixels, shape by CLIP zero-shot, held-in vs held-out, and the prior's cosine to truth)."""
+"""The demo's last stage: sample a grid with sample.py's own code, then score it and print two tables:
+the independent pixel judge's (colour, shape, object count, two-object binding and relation, per
+caption group, with the judge's own accuracy on real renders and the CLIP judge beside it as a second
+column) and the CLIP judge's with the prior's cosine to truth."""
 
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ from unclip.evaluation.binding import (
 )
 from unclip.evaluation.prior_fit import cosine_to_truth
 from unclip.evaluation.sample_set import format_scores, score_sample_run
+from unclip.evaluation.shapes_judge import judge_accuracy, pair_captions
+from unclip.evaluation.shapes_judge import summarise as summarise_pixels
+from unclip.evaluation.shapes_score import SCORE_FILE, bars_met, image_size, judge_run
+from unclip.evaluation.shapes_score import format_table as format_pixel_table
 from unclip.images import load_image
 from unclip.sampling.run import ModeRunner, save_run, settings
 
@@ -105,7 +111,8 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = vocabulary(demo.shapes)
     specs = single_object_captions(vocab["colours"], vocab["shapes"], vocab["holdout"])
-    captions = [s.caption for s in specs] + list(cfg.sample.extra_captions)
+    pairs = pair_captions(int(cfg.sample.pair_captions))
+    captions = [s.caption for s in specs] + pairs + list(cfg.sample.extra_captions)
     (out_dir / "captions.txt").write_text("\n".join(captions) + "\n")
     overrides = demo.sample_overrides()
     print(f"$ {demo.shown(['python', 'sample.py', *overrides])}", flush=True)
@@ -113,6 +120,10 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     record = save_run(sampler, out_dir)
     judged = score_images(record, out_dir, vocab, sampler, cfg)
     summary = summarise(judged)
+    pixel_records, _ = judge_run(out_dir, record)
+    pixels = summarise_pixels(pixel_records)
+    accuracy = judge_accuracy(image_size(out_dir, pixel_records), int(cfg.evaluation.judge_renders))
+    clip_column = {f"{group} single": {"value": stats["shape"]} for group, stats in summary.items()}
     prior = score_prior(demo, sampler)
     reference = clip_reference(demo)
     image_metrics = score_sample_run(
@@ -123,6 +134,9 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     )
     report = {
         "grid": record["grid"],
+        "pixel_judge": pixels,
+        "bars_met": bars_met(pixels),
+        "judge_accuracy": accuracy,
         "summary": summary,
         "prior_cosine_to_truth": prior,
         "clip_on_real_val_images": reference,
@@ -133,6 +147,10 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
         "image_metrics": image_metrics,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / SCORE_FILE).write_text(json.dumps({**report, "images": pixel_records}, indent=2))
+    print("\nthe independent pixel judge (unclip.evaluation.shapes_judge):")
+    print(format_pixel_table(pixels, accuracy, clip_column, "shape (CLIP)"))
+    print("\nthe CLIP judge and the prior:")
     print(format_table(summary, prior, dict(cfg.evaluation.bars), reference))
     print(format_scores(image_metrics))
     print(f"\ngrid: {record['grid']}\nscores: {out_dir / 'report.json'}")

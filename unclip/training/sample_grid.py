@@ -37,13 +37,19 @@ def pair_rows(
         ground_truth = F.interpolate(
             ground_truth, size=samples.shape[-2:], mode="bilinear", antialias=True
         )
-    factor = max(1, math.ceil((display_size or 0) / samples.shape[-1]))
-    if factor > 1:
-        samples = F.interpolate(samples, scale_factor=factor, mode="nearest")
-        ground_truth = F.interpolate(ground_truth, scale_factor=factor, mode="nearest")
+    samples, ground_truth = enlarge(samples, display_size), enlarge(ground_truth, display_size)
     return [
         torch.stack([sample, truth]) for sample, truth in zip(samples, ground_truth, strict=True)
     ]
+
+
+def enlarge(images: torch.Tensor, display_size: int | None) -> torch.Tensor:
+    """Images [N, 3, H, W] enlarged by nearest neighbour (pixels stay honest) by the integer
+    factor that reaches `display_size`."""
+    factor = max(1, math.ceil((display_size or 0) / images.shape[-1]))
+    if factor == 1:
+        return images
+    return F.interpolate(images, scale_factor=factor, mode="nearest")
 
 
 class SampleGrid(L.Callback):
