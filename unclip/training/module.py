@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from unclip.training.ema import EMA
+from unclip.training.nan_guard import first_non_finite
 
 CHECKPOINT_CLASS_KEY = "unclip_module"
 SKIPPED_KEY = "unclip_skipped_samples"
@@ -161,6 +162,9 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> U
     class_path = checkpoint.get(CHECKPOINT_CLASS_KEY)
     if class_path is None:
         raise ValueError(f"{path} is not an unclip checkpoint (no '{CHECKPOINT_CLASS_KEY}' entry)")
+    bad_key = first_non_finite(checkpoint.get("state_dict", {}))
+    if bad_key is not None:
+        raise ValueError(f"{path} holds NaN/inf weights ({bad_key}): refusing to sample with it")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from unclip.training.checkpoints import SafeCheckpointIO, newest_loadable, remove_staged
 from unclip.training.config_check import check_config
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,22 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
+        folder = run_dir / "checkpoints"
+        last = folder / "last.ckpt"
+        remove_staged(folder)
+        found = newest_loadable(folder, first=last)
+        if found is None:
+            log.warning(
+                "ckpt_path=last but %s holds no loadable checkpoint: starting from scratch", folder
+            )
+            return None
+        if found != last:
+            log.warning(
+                "ckpt_path=last: %s is missing or broken; resuming from %s instead", last, found
+            )
+        else:
             log.info("resuming from %s", last)
-            return str(last)
-        log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
-        return None
+        return str(found)
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
     return ckpt_path
@@ -68,6 +80,11 @@ def instantiate_strategy(cfg: DictConfig) -> Any:
     return cfg.get("name", "auto")
 
 
+def trainer_plugins() -> list:
+    """Checkpoints written beside their target and renamed (training/checkpoints.py)."""
+    return [SafeCheckpointIO()]
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """Instantiate model, data and trainer; checks that need all three happen here."""
     check_config(cfg, CHECKED_GROUPS)
@@ -82,6 +99,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         strategy=instantiate_strategy(cfg.strategy),
         callbacks=instantiate_callbacks(cfg.get("callbacks")),
         logger=loggers or False,
+        plugins=trainer_plugins(),
         default_root_dir=cfg.paths.run_dir,
         _convert_="all",
     )
@@ -116,7 +134,8 @@ def write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict[str, float], ste
         "data": cfg.data.get("name"),
         "overrides": overrides,
         "step": step,
-        "metrics": metrics,
+        # JSON has no NaN: a non-finite metric is null
+        "metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()},
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, allow_nan=False))
