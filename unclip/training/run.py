@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip.training.checkpoints import SafeCheckpointIO, newest_loadable, remove_staged
 from unclip.training.config_check import check_config
+from unclip.training.seeding import RankSeed
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     trainer = instantiate(
         cfg.trainer,
         strategy=instantiate_strategy(cfg.strategy),
-        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        callbacks=[*instantiate_callbacks(cfg.get("callbacks")), RankSeed(cfg.seed)],
         logger=loggers or False,
         plugins=trainer_plugins(),
         default_root_dir=cfg.paths.run_dir,
