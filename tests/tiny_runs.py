@@ -73,8 +73,13 @@ DECODER = [
 STAGES = {"prior": PRIOR, "decoder": DECODER}
 
 
+def key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def overrides(stage: str, shards: Path, runs: Path, *extra: str) -> list[str]:
-    return [
+    """The tiny `stage` on `shards`, runs under `runs`; `extra` replaces defaults of the same key."""
+    base = [
         *STAGES[stage],
         "data=shapes_emb",
         f"data.train_shards={shards}/train-*.tar",
@@ -82,8 +87,9 @@ def overrides(stage: str, shards: Path, runs: Path, *extra: str) -> list[str]:
         f"paths.runs_dir={runs}",
         f"run_name={stage}-test",
         *COMMON,
-        *extra,
     ]
+    replaced = {key(e) for e in extra}
+    return [o for o in base if key(o) not in replaced] + list(extra)
 
 
 def compose_train(args: list[str]) -> DictConfig:

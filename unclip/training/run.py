@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip.training.checkpoints import SafeCheckpointIO, newest_loadable, remove_staged
 from unclip.training.config_check import check_config
+from unclip.training.loggers import finish_loggers
 from unclip.training.seeding import RankSeed
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     model, datamodule, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    try:
+        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer.loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         write_metrics(run_dir, cfg, metrics, trainer.global_step)
