@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
@@ -56,14 +56,55 @@ def shard_dir(urls: Sequence[str]) -> Path | None:
     return None if is_remote(urls[0]) else local_path(urls[0]).parent
 
 
+class ShardReport(Protocol):
+    """What raw_samples tells about each shard it reads (SkipTracker implements it)."""
+
+    def shard_error(self, url: str, error: Exception) -> None: ...
+
+    def shard_done(self, url: str, samples: int, expected: int | None, failed: bool) -> None: ...
+
+
 def raw_samples(
     shards: Iterable[dict[str, str]],
     fields: Iterable[str],
-    handler: Callable[[Exception], bool],
+    report: ShardReport,
+    expected: Mapping[str, int] | None = None,
+    keep: tuple[int, int] = (1, 0),
 ) -> Iterator[dict[str, Any]]:
     """Samples as dicts of raw bytes holding only the members of `fields` (plus `__key__` and
-    `__url__`): other members are never read, so no decoder ever sees them."""
-    return tarfile_samples(shards, handler=handler, select_files=FileSelector(fields))
+    `__url__`): other members are never read, so no decoder ever sees them.
+
+    Shards are read one at a time, so every error is reported with its shard's URL and each shard's
+    sample count can be held to `expected` (meta.json's) once it is read to its end. After a read
+    error the shard's last sample is dropped: it is the one the error cut short. `keep=(n, i)`
+    yields only the samples whose index in their shard is i modulo n (streams sharing shards)."""
+    selector = FileSelector(fields)
+    stride, offset = keep
+    for shard in shards:
+        url = shard["url"]
+        errors: list[Exception] = []
+
+        def handler(error: Exception, url: str = url, errors: list = errors) -> bool:
+            errors.append(error)
+            report.shard_error(url, error)
+            return True
+
+        count, previous = 0, None
+        for sample in tarfile_samples([dict(shard)], handler=handler, select_files=selector):
+            if previous is not None and (count - 1) % stride == offset:
+                yield previous
+            previous = sample
+            count += 1
+        if previous is not None and not errors and (count - 1) % stride == offset:
+            yield previous
+        if errors and previous is not None:
+            count -= 1
+        report.shard_done(url, count, (expected or {}).get(shard_name(url)), bool(errors))
+
+
+def shard_name(url: str) -> str:
+    """The file name of a shard URL: how meta.json names it."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def in_order(urls: Iterable[str]) -> Iterator[dict[str, str]]:

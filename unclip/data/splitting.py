@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from unclip.data.shards import shard_name
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,9 @@ class RankSplitter:
             # a rank without shards would stall the others; resampling keeps streams apart instead
             if self.rank == 0:
                 log.warning(
-                    "%d shards for %d ranks: every rank resamples from all shards; write at least "
-                    "as many shards as ranks x workers",
+                    "%d shards for %d ranks: every rank reads all shards and keeps its own share of "
+                    "their samples (each rank decompresses them all); write at least as many "
+                    "shards as ranks x workers",
                     len(urls),
                     self.world_size,
                 )
@@ -51,16 +54,47 @@ def worker_info() -> tuple[int, int]:
 
 def split_by_worker(urls: Sequence[str], worker: int, num_workers: int) -> list[str]:
     """A strided share of a rank's shards for one worker; every worker keeps all shards when there
-    are fewer shards than workers (webdataset would raise "No samples found" instead)."""
+    are fewer shards than workers (webdataset would raise "No samples found" instead), and
+    `sample_share` then gives each its own samples of them."""
     if len(urls) < num_workers:
         return list(urls)
     return list(urls[worker::num_workers])
 
 
-def resampled_shards(urls: Sequence[str], rng: random.Random) -> Iterator[dict[str, str]]:
-    """An endless stream of shards drawn with replacement: every rank and worker yields batches for
-    as long as the trainer asks, whatever the shard sizes, so DDP ranks never wait on each other."""
+def sample_share(
+    rank: int | None, world_size: int, worker: int | None, num_workers: int
+) -> tuple[int, int]:
+    """`(n, i)`: keep the samples whose index in their shard is i modulo n. A rank (or a worker)
+    that shares all its shards with the others (`rank`/`worker` given, else None) takes every
+    n-th sample, so no two streams read the same samples."""
+    stride, offset = 1, 0
+    if rank is not None:
+        stride, offset = world_size, rank
+    if worker is not None:
+        stride, offset = stride * num_workers, offset * num_workers + worker
+    return stride, offset
+
+
+def shard_weights(urls: Sequence[str], sizes: dict[str, int] | None) -> list[float] | None:
+    """Draw probabilities proportional to each shard's sample count (meta.json), so every sample
+    is seen equally often; None (uniform) when some shard's size is unknown."""
+    if not sizes:
+        return None
+    names = [shard_name(url) for url in urls]
+    if any(name not in sizes for name in names):
+        return None
+    weights = [float(max(0, sizes[name])) for name in names]
+    return weights if sum(weights) > 0 else None
+
+
+def resampled_shards(
+    urls: Sequence[str], rng: random.Random, weights: Sequence[float] | None = None
+) -> Iterator[dict[str, str]]:
+    """An endless stream of shards drawn with replacement (with probability proportional to
+    `weights` when given): every rank and worker yields batches for as long as the trainer asks,
+    whatever the shard sizes, so DDP ranks never wait on each other."""
     if not urls:
         raise ValueError("no shards to resample from")
     while True:
-        yield {"url": rng.choice(urls)}
+        url = rng.choices(urls, weights)[0] if weights else rng.choice(urls)
+        yield {"url": url}

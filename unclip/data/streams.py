@@ -11,7 +11,7 @@ map-style dataset so Lightning's distributed sampler gives each rank its own sha
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from unclip.data.decoding import BadSample, DataError, SampleDecoder, SkipTracker
 from unclip.data.shards import in_order, raw_samples
-from unclip.data.splitting import RankSplitter, resampled_shards, split_by_worker, worker_info
+from unclip.data.splitting import (
+    RankSplitter,
+    resampled_shards,
+    sample_share,
+    shard_weights,
+    split_by_worker,
+    worker_info,
+)
 
 TENSOR_FIELDS = frozenset({"image", "img_emb", "txt_emb"})
 # Resampled shard draws without a single sample or error, per shard, before the stream gives up:
@@ -102,10 +109,15 @@ class ShardStream(IterableDataset):
         min_samples_for_abort: int,
         source: str,
         batches_per_epoch: int | None = None,
+        shard_sizes: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.splitter = splitter
         self.urls = splitter(urls)
+        # the rank holds every shard (fewer shards than ranks): ranks split samples instead
+        self.rank_shares_shards = len(urls) < splitter.world_size
+        # samples per shard file name (meta.json): proportional draws, truncation checks
+        self.shard_sizes = dict(shard_sizes) if shard_sizes else None
         self.decoder = decoder
         self.collate = Collate(decoder.fields)
         self.batch_size = batch_size
@@ -141,9 +153,17 @@ class ShardStream(IterableDataset):
         rng = self.rng(worker)
         self._iterations += 1
         urls = split_by_worker(self.urls, worker, num_workers)
+        keep = sample_share(
+            self.splitter.rank if self.rank_shares_shards else None,
+            self.splitter.world_size,
+            worker if len(self.urls) < num_workers else None,
+            num_workers,
+        )
         tracker = SkipTracker(self.source, self.max_bad_fraction, self.min_samples_for_abort)
-        shards = self._give_up_when_empty(resampled_shards(urls, rng), tracker, len(urls))
-        raws = self._count(raw_samples(shards, self.decoder.fields, tracker.handler), tracker)
+        weights = shard_weights(urls, self.shard_sizes)
+        shards = self._give_up_when_empty(resampled_shards(urls, rng, weights), tracker, len(urls))
+        raws = raw_samples(shards, self.decoder.fields, tracker, self.shard_sizes, keep)
+        raws = self._count(raws, tracker)
         # shuffle raw bytes, not decoded pixels: the buffer stays small
         samples = decoded(shuffled(raws, self.shuffle_buffer, rng), self.decoder, tracker)
         yield from batched(samples, self.batch_size, self.collate, tracker)
@@ -183,13 +203,17 @@ class EpochLoader(DataLoader):
 
 
 def materialise(
-    urls: Sequence[str], decoder: SampleDecoder, max_samples: int, tracker: SkipTracker
+    urls: Sequence[str],
+    decoder: SampleDecoder,
+    max_samples: int,
+    tracker: SkipTracker,
+    expected: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Up to `max_samples` decodable raw samples, read in shard order: the same list on every rank."""
     kept: list[dict[str, Any]] = []
     if max_samples <= 0:
         return kept
-    for raw in raw_samples(in_order(urls), decoder.fields, tracker.handler):
+    for raw in raw_samples(in_order(urls), decoder.fields, tracker, expected):
         try:
             decoder(raw)
         except BadSample as error:

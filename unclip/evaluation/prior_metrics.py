@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from unclip.nn.unit_norm import unit_norm
 
 
 @torch.no_grad()
@@ -22,9 +23,9 @@ def prior_metrics(
             f"prior_metrics needs three [B, D] tensors of one shape, got sampled "
             f"{tuple(sampled.shape)}, img_emb {tuple(img_emb.shape)}, txt_emb {tuple(txt_emb.shape)}"
         )
-    sampled = F.normalize(sampled.float(), dim=-1)
-    img_emb = F.normalize(img_emb.float().to(sampled.device), dim=-1)
-    txt_emb = F.normalize(txt_emb.float().to(sampled.device), dim=-1)
+    sampled = unit_norm(sampled.float())
+    img_emb = unit_norm(img_emb.float().to(sampled.device))
+    txt_emb = unit_norm(txt_emb.float().to(sampled.device))
     similarity = sampled @ img_emb.T
     own = torch.arange(len(sampled), device=sampled.device)
     return {

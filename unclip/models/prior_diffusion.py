@@ -13,13 +13,13 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from unclip.diffusion import SAMPLERS, GaussianDiffusion, guide
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.config_keys import merged
 from unclip.models.embedding_norm import EmbeddingNorm
 from unclip.nn.prior_diffusion import DiffusionPriorNet, Prefix
+from unclip.nn.unit_norm import unit_norm
 from unclip.training.module import UnclipModule
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class DiffusionPriorModule(UnclipModule):
     # ---- shared pieces -------------------------------------------------------------------------
     def text_condition(self, txt_emb: torch.Tensor) -> torch.Tensor:
         """z_t as the network sees it: on the sphere of radius sqrt(d), whatever the shards hold."""
-        return F.normalize(txt_emb.float(), dim=-1) * math.sqrt(self.embed_dim)
+        return unit_norm(txt_emb.float()) * math.sqrt(self.embed_dim)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Caption tokens without the padding every caption of the batch has (exact, and cheaper)."""
@@ -243,12 +243,12 @@ class DiffusionPriorModule(UnclipModule):
         )
         z = self.embedding_norm.denormalize(x0)
         if self.unit_norm_output:
-            z = F.normalize(z, dim=-1)
+            z = unit_norm(z)
         return best_by_dot_product(z.view(len(captions), n, -1), txt_emb)
 
 
 def best_by_dot_product(candidates: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
     """[B, N, D] candidates -> [B, D]: per caption, the one with the highest dot product with z_t."""
-    scores = (candidates * F.normalize(txt_emb, dim=-1)[:, None]).sum(-1)
+    scores = (candidates * unit_norm(txt_emb)[:, None]).sum(-1)
     best = scores.argmax(dim=1)
     return candidates[torch.arange(len(candidates), device=candidates.device), best]

@@ -69,12 +69,21 @@ class UnclipModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.net, self.global_step + 1)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # counted before the step, so a checkpoint written after it holds this batch's skips too
         if isinstance(batch, dict) and "skipped" in batch:
             self._skipped_total += int(batch["skipped"].sum())
-            self.log(
-                "data/skipped_total", float(self._skipped_total), on_step=True, reduce_fx="sum"
-            )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "take_startup_skipped"):
+            startup = datamodule.take_startup_skipped()  # the same on every rank: count it once
+            if self.trainer.is_global_zero:
+                self._skipped_total += startup
+        self.log("data/skipped_total", self.skipped_over_ranks(), on_step=True)
+
+    def skipped_over_ranks(self) -> float:
+        """Skipped samples of every rank, summed (each rank counts only its own stream's)."""
+        local = torch.tensor(float(self._skipped_total), device=self.device)
+        return float(self.trainer.strategy.reduce(local, reduce_op="sum"))
 
     # ---- optimisation --------------------------------------------------------------------------
     def parameters_to_optimize(self) -> list[dict]:
@@ -121,11 +130,13 @@ class UnclipModule(L.LightningModule):
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
-        checkpoint[SKIPPED_KEY] = self._skipped_total
+        # every rank saves (and reduces) together; the file holds the total over ranks
+        checkpoint[SKIPPED_KEY] = int(self.skipped_over_ranks()) if self._trainer else 0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # a resumed run keeps counting skipped samples from where it stopped
-        self._skipped_total = int(checkpoint.get(SKIPPED_KEY, 0))
+        # a resumed run keeps counting from the total over ranks, carried on by rank 0
+        total = int(checkpoint.get(SKIPPED_KEY, 0))
+        self._skipped_total = total if self._trainer is None or self.trainer.is_global_zero else 0
 
 
 class _LRSchedule:
