@@ -1,6 +1,7 @@
 """A test-only callback (imported by spawned DDP processes, so it lives in its own module): records a
 fingerprint of each process's torch RNG state at every training step, where the model draws its
-noise, timesteps and guidance-drop masks, and writes them per rank at the end of fit."""
+noise, timesteps and guidance-drop masks, and writes them per rank at the end of fit with the
+rank's own count of skipped samples."""
 
 from __future__ import annotations
 
@@ -24,4 +25,5 @@ class DrawRecorder(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         Path(self.out).mkdir(parents=True, exist_ok=True)
         path = Path(self.out, f"rank{trainer.global_rank}.json")
-        path.write_text(json.dumps(self.draws))
+        skipped = int(getattr(pl_module, "_skipped_total", -1))  # this rank's own count
+        path.write_text(json.dumps({"draws": self.draws, "skipped": skipped}))

@@ -65,23 +65,29 @@ class ShardReport(Protocol):
 
 
 def raw_samples(
-    shards: Iterable[dict[str, str]],
+    shards: Iterable[dict[str, Any]],
     fields: Iterable[str],
     report: ShardReport,
     expected: Mapping[str, int] | None = None,
-    keep: tuple[int, int] = (1, 0),
 ) -> Iterator[dict[str, Any]]:
     """Samples as dicts of raw bytes holding only the members of `fields` (plus `__key__` and
     `__url__`): other members are never read, so no decoder ever sees them.
 
     Shards are read one at a time, so every error is reported with its shard's URL and each shard's
-    sample count can be held to `expected` (meta.json's) once it is read to its end. After a read
-    error the shard's last sample is dropped: it is the one the error cut short. `keep=(n, i)`
-    yields only the samples whose index in their shard is i modulo n (streams sharing shards)."""
+    sample count can be held to `expected` (meta.json's, by file name) once it is read to its end.
+    After a read error the shard's last sample is dropped when it lacks members the first one has:
+    it is the one the error cut short. A
+    shard dict may carry `range: (a, b)` (keep samples a..b-1) and `every: (n, i)` (keep those
+    whose index is i modulo n): streams sharing a shard each keep their own samples."""
     selector = FileSelector(fields)
-    stride, offset = keep
     for shard in shards:
         url = shard["url"]
+        first, stop = shard.get("range", (0, None))
+        stride, offset = shard.get("every", (1, 0))
+
+        def wanted(index: int, first: int = first, stride: int = stride, offset: int = offset):
+            return index >= first and index % stride == offset
+
         errors: list[Exception] = []
 
         def handler(error: Exception, url: str = url, errors: list = errors) -> bool:
@@ -89,17 +95,28 @@ def raw_samples(
             report.shard_error(url, error)
             return True
 
-        count, previous = 0, None
-        for sample in tarfile_samples([dict(shard)], handler=handler, select_files=selector):
-            if previous is not None and (count - 1) % stride == offset:
+        count, previous, to_end, first_members = 0, None, True, None
+        source = [{"url": url}]
+        for sample in tarfile_samples(source, handler=handler, select_files=selector):
+            first_members = first_members or members(sample)
+            if previous is not None and wanted(count - 1):
                 yield previous
             previous = sample
             count += 1
-        if previous is not None and not errors and (count - 1) % stride == offset:
+            if stop is not None and count > stop:
+                previous, to_end = None, False  # past this stream's range: stop reading
+                break
+        if previous is not None and errors and members(previous) != first_members:
+            previous, count = None, count - 1  # the sample the error cut short
+        if previous is not None and wanted(count - 1):
             yield previous
-        if errors and previous is not None:
-            count -= 1
+        if not to_end:
+            continue
         report.shard_done(url, count, (expected or {}).get(shard_name(url)), bool(errors))
+
+
+def members(sample: dict[str, Any]) -> frozenset[str]:
+    return frozenset(k for k in sample if not k.startswith("__"))
 
 
 def shard_name(url: str) -> str:

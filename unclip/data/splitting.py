@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-
-from unclip.data.shards import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +74,37 @@ def sample_share(
     return stride, offset
 
 
-def shard_weights(urls: Sequence[str], sizes: dict[str, int] | None) -> list[float] | None:
-    """Draw probabilities proportional to each shard's sample count (meta.json), so every sample
-    is seen equally often; None (uniform) when some shard's size is unknown."""
-    if not sizes:
-        return None
-    names = [shard_name(url) for url in urls]
-    if any(name not in sizes for name in names):
-        return None
-    weights = [float(max(0, sizes[name])) for name in names]
-    return weights if sum(weights) > 0 else None
+def contiguous_share(
+    urls: Sequence[str], sizes: Sequence[int], stream: int, num_streams: int
+) -> list[dict[str, Any]]:
+    """Stream `stream`'s equal share of all samples when shard sizes are known: the shards laid
+    end to end and cut into `num_streams` equal ranges, each piece `{"url", "range": (a, b)}` (the
+    samples a..b-1 of that shard). Every rank and worker yields batches at the same rate, so only
+    equal totals per stream see every sample equally often: a strided split of shards of uneven
+    sizes (50 / 400 / 1500 over 2 ranks x 2 workers) shows the small shard's samples 9.75x as often
+    as their fair share. A shard cut between streams is read by each, which keeps its own range."""
+    total = sum(sizes)
+    if total < num_streams:
+        raise ValueError(
+            f"{total} training samples for {num_streams} streams (ranks x data.num_workers)"
+        )
+    low, high = total * stream // num_streams, total * (stream + 1) // num_streams
+    pieces, start = [], 0
+    for url, size in zip(urls, sizes, strict=True):
+        a, b = max(low, start), min(high, start + size)
+        if a < b:
+            pieces.append({"url": url, "range": (a - start, b - start)})
+        start += size
+    return pieces
 
 
 def resampled_shards(
-    urls: Sequence[str], rng: random.Random, weights: Sequence[float] | None = None
-) -> Iterator[dict[str, str]]:
-    """An endless stream of shards drawn with replacement (with probability proportional to
-    `weights` when given): every rank and worker yields batches for as long as the trainer asks,
-    whatever the shard sizes, so DDP ranks never wait on each other."""
-    if not urls:
+    shards: Sequence[dict[str, Any]], rng: random.Random
+) -> Iterator[dict[str, Any]]:
+    """An endless stream of shards (or shard pieces) drawn uniformly with replacement, each read
+    whole, so every sample of the stream is seen equally often: every rank and worker yields
+    batches for as long as the trainer asks, so DDP ranks never wait on each other."""
+    if not shards:
         raise ValueError("no shards to resample from")
     while True:
-        url = rng.choices(urls, weights)[0] if weights else rng.choice(urls)
-        yield {"url": url}
+        yield dict(rng.choice(shards))

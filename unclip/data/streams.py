@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from unclip.data.decoding import BadSample, DataError, SampleDecoder, SkipTracker
-from unclip.data.shards import in_order, raw_samples
+from unclip.data.shards import in_order, raw_samples, shard_name
 from unclip.data.splitting import (
     RankSplitter,
+    contiguous_share,
     resampled_shards,
     sample_share,
-    shard_weights,
     split_by_worker,
     worker_info,
 )
@@ -113,11 +113,10 @@ class ShardStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.splitter = splitter
-        self.urls = splitter(urls)
-        # the rank holds every shard (fewer shards than ranks): ranks split samples instead
-        self.rank_shares_shards = len(urls) < splitter.world_size
-        # samples per shard file name (meta.json): proportional draws, truncation checks
+        self.all_urls = list(urls)
+        # samples per shard file name (meta.json): equal shares of samples, truncation checks
         self.shard_sizes = dict(shard_sizes) if shard_sizes else None
+        self.urls = self.all_urls if self.shard_sizes else splitter(urls)
         self.decoder = decoder
         self.collate = Collate(decoder.fields)
         self.batch_size = batch_size
@@ -148,22 +147,39 @@ class ShardStream(IterableDataset):
         )
         return random.Random("/".join(map(str, parts)))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = worker_info()
-        rng = self.rng(worker)
-        self._iterations += 1
-        urls = split_by_worker(self.urls, worker, num_workers)
-        keep = sample_share(
-            self.splitter.rank if self.rank_shares_shards else None,
-            self.splitter.world_size,
+    def shards_of(self, worker: int, num_workers: int) -> list[dict[str, Any]]:
+        """The shards (or pieces of shards) one worker of this rank reads. With known sizes, an
+        equal share of all samples (`contiguous_share`); else a strided share of the shards,
+        streams that must share shards (fewer than ranks or workers) keeping every n-th sample."""
+        rank, world = self.splitter.rank, self.splitter.world_size
+        if self.shard_sizes:
+            sizes = [self.shard_sizes[shard_name(url)] for url in self.all_urls]
+            return contiguous_share(
+                self.all_urls, sizes, rank * num_workers + worker, world * num_workers
+            )
+        every = sample_share(
+            rank if len(self.all_urls) < world else None,
+            world,
             worker if len(self.urls) < num_workers else None,
             num_workers,
         )
+        return [
+            {"url": url, "every": every} for url in split_by_worker(self.urls, worker, num_workers)
+        ]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.iterate(*worker_info())
+
+    def iterate(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """The batches of one DataLoader worker (`__iter__` asks torch which one it is)."""
+        rng = self.rng(worker)
+        self._iterations += 1
+        pieces = self.shards_of(worker, num_workers)
         tracker = SkipTracker(self.source, self.max_bad_fraction, self.min_samples_for_abort)
-        weights = shard_weights(urls, self.shard_sizes)
-        shards = self._give_up_when_empty(resampled_shards(urls, rng, weights), tracker, len(urls))
-        raws = raw_samples(shards, self.decoder.fields, tracker, self.shard_sizes, keep)
-        raws = self._count(raws, tracker)
+        shards = self._give_up_when_empty(resampled_shards(pieces, rng), tracker, len(pieces))
+        raws = self._count(
+            raw_samples(shards, self.decoder.fields, tracker, self.shard_sizes), tracker
+        )
         # shuffle raw bytes, not decoded pixels: the buffer stays small
         samples = decoded(shuffled(raws, self.shuffle_buffer, rng), self.decoder, tracker)
         yield from batched(samples, self.batch_size, self.collate, tracker)
