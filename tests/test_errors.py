@@ -76,5 +76,7 @@ def test_the_max_bad_fraction_stop_from_a_worker_is_one_line(tmp_path: Path) -> 
     result = train_cli(args)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "more than data.max_bad_fraction=0.1" in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and "more than data.max_bad_fraction=0.1" in errors[0], result.stderr[
+        -2000:
+    ]
     assert "Traceback" not in result.stderr
