@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from unclip.diffusion import GaussianDiffusion, guide
-from unclip.nn.prior_diffusion import DiffusionPriorNet, Prefix
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet, Prefix
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

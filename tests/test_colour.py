@@ -13,7 +13,7 @@ from unclip.evaluation.colour import (
     foreground_mask,
     nearest_palette,
 )
-from unclip.sampling.grid import from_pil
+from unclip.images import from_pil
 
 PALETTE = {"red": (220, 30, 30), "blue": (30, 70, 220)}
 

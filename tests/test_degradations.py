@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unclip.data.degradations import (
+from unclip.models.degradations import (
     BSRDegradation,
     GaussianBlurDegradation,
     build_degradation,

@@ -9,7 +9,7 @@ import pytest
 
 from unclip import demo as demo_module
 from unclip.demo import Demo, load_config, shown
-from unclip.evaluation.demo_report import format_table
+from unclip.demo_report import format_table
 
 
 def _demo(tmp_path: Path, *extra: str) -> Demo:

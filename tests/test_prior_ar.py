@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from unclip.data.datamodule import ShardDataModule
 from unclip.data.format import embedding_meta, write_json_atomic
 from unclip.data.writer import AtomicShardWriter
-from unclip.models.prior_ar import ARPriorModule
-from unclip.models.prior_ar_tokenizer import EmbeddingTokenizer
-from unclip.nn.prior_ar import ARPriorNet, filter_logits, sample_logits
+from unclip.models.ar_prior import ARPriorModule
+from unclip.models.ar_prior_tokenizer import EmbeddingTokenizer
+from unclip.nn.ar_prior_net import ARPriorNet, filter_logits, sample_logits
 from unclip.training.module import load_module
 
 DIM = 16

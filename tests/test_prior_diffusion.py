@@ -18,10 +18,10 @@ from unclip.data.datamodule import ShardDataModule
 from unclip.data.format import embedding_meta, write_json_atomic
 from unclip.data.writer import AtomicShardWriter
 from unclip.evaluation.prior_metrics import prior_metrics
+from unclip.models.diffusion_prior import DiffusionPriorModule, best_by_dot_product
 from unclip.models.embedding_norm import EmbeddingNorm
-from unclip.models.prior_diffusion import DiffusionPriorModule, best_by_dot_product
 from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.prior_diffusion import DiffusionPriorNet, Prefix
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet, Prefix
 from unclip.training.module import load_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from unclip.data.embed import embed_shards
+from unclip.images import load_image
 from unclip.sampling import manipulations as manip
-from unclip.sampling.grid import load_image
 from unclip.sampling.pipeline import CheckpointError, UnclipPipeline
 from unclip.sampling.run import sample
 from unclip.training.run import train

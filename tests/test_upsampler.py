@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from unclip.data.shapes import render, scene
+from unclip.images import from_pil
 from unclip.models.upsampler import UpsamplerModule
-from unclip.sampling.grid import from_pil
 from unclip.training.module import load_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -175,7 +175,7 @@ class Demo:
         ]
 
     def sample_and_score(self) -> None:
-        from unclip.evaluation.demo_report import score_and_report  # torch only when sampling
+        from unclip.demo_report import score_and_report  # torch only when sampling
 
         score_and_report(self)
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = Demo(load_config(args.overrides))
     demo.run(dry_run=args.dry_run)
     if not args.dry_run:
-        from unclip.evaluation.demo_report import print_timings
+        from unclip.demo_report import print_timings
 
         print_timings(demo.timings, time.perf_counter() - started)
 

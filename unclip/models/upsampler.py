@@ -3,7 +3,7 @@
 As in the paper, the low-resolution image is resized to the target size and concatenated to the
 noisy input of a UNet without attention; no caption, no CLIP embedding. Training corrupts the
 conditioning image (Gaussian blur for 64->256, BSR degradation for 256->1024; see
-unclip.data.degradations) and trains on random crops a quarter of the target size; because the
+unclip.models.degradations) and trains on random crops a quarter of the target size; because the
 network is purely convolutional, sampling then runs at the full target size.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from unclip.data.degradations import build_degradation
 from unclip.diffusion import SAMPLERS, GaussianDiffusion
 from unclip.models.config_keys import check_keys
+from unclip.models.degradations import build_degradation
 from unclip.nn.unet import UNet
 from unclip.training.module import UnclipModule
 

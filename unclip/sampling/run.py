@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from unclip.images import captioned_grid, load_image, save_images, slug
 from unclip.sampling import manipulations as manip
-from unclip.sampling.grid import captioned_grid, load_image, save_images, slug
 from unclip.sampling.latents import fit_pca
 from unclip.sampling.pipeline import UnclipPipeline
 from unclip.sampling.shard_samples import read_embeddings

@@ -21,6 +21,13 @@ from unclip.training.nan_guard import first_non_finite
 
 CHECKPOINT_CLASS_KEY = "unclip_module"
 SKIPPED_KEY = "unclip_skipped_samples"
+# stage classes that moved: the path an older checkpoint names -> where the class lives now
+CLASS_ALIASES = {
+    "unclip.models.prior_diffusion.DiffusionPriorModule": (
+        "unclip.models.diffusion_prior.DiffusionPriorModule"
+    ),
+    "unclip.models.prior_ar.ARPriorModule": "unclip.models.ar_prior.ARPriorModule",
+}
 
 DEFAULT_OPTIM: dict[str, Any] = {
     "lr": 1e-4,
@@ -176,7 +183,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> U
     bad_key = first_non_finite(checkpoint.get("state_dict", {}))
     if bad_key is not None:
         raise ValueError(f"{path} holds NaN/inf weights ({bad_key}): refusing to sample with it")
-    module_name, _, class_name = class_path.rpartition(".")
+    module_name, _, class_name = CLASS_ALIASES.get(class_path, class_path).rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     module.checkpoint_path = str(path)

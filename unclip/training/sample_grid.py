@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from unclip.sampling.grid import captioned_grid
+from unclip.images import captioned_grid
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from unclip.evaluation.binding import (
     summarise,
 )
 from unclip.evaluation.prior_fit import cosine_to_truth
-from unclip.sampling.grid import load_image
+from unclip.images import load_image
 from unclip.sampling.run import Sampler, save_run, settings
 from unclip.sampling.shard_samples import read_samples
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from unclip.evaluation.prior_metrics import prior_metrics
+from unclip.models.ar_prior_tokenizer import EmbeddingTokenizer
 from unclip.models.config_keys import check_keys
-from unclip.models.prior_ar_tokenizer import EmbeddingTokenizer
-from unclip.nn.prior_ar import ARPriorNet
+from unclip.nn.ar_prior_net import ARPriorNet
 from unclip.training.module import UnclipModule
 
 log = logging.getLogger(__name__)

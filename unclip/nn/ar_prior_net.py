@@ -3,7 +3,7 @@
     [caption token states..., z_t, dot-product code, code_0, ..., code_{P-2}]
 
 whose outputs from the dot-product token onwards predict code_0 ... code_{P-1} (the quantised
-principal components of z_i, see unclip.models.prior_ar_tokenizer). The caption, z_t and the dot
+principal components of z_i, see unclip.models.ar_prior_tokenizer). The caption, z_t and the dot
 product form the prefix the paper conditions on; dropping the text (classifier-free guidance)
 replaces all three with learned null tokens, since a dot product with no caption means nothing.
 

@@ -18,7 +18,7 @@ from unclip.diffusion import SAMPLERS, GaussianDiffusion, guide
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.config_keys import merged
 from unclip.models.embedding_norm import EmbeddingNorm
-from unclip.nn.prior_diffusion import DiffusionPriorNet, Prefix
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet, Prefix
 from unclip.nn.unit_norm import unit_norm
 from unclip.training.module import UnclipModule
 
