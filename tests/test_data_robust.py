@@ -185,7 +185,7 @@ def test_huge_finite_embeddings_still_normalise() -> None:
 
 
 def test_the_prior_text_condition_survives_huge_embeddings() -> None:
-    from unclip.models.prior_diffusion import DiffusionPriorModule
+    from unclip.models.diffusion_prior import DiffusionPriorModule
 
     module = DiffusionPriorModule.__new__(DiffusionPriorModule)
     module.embed_dim = 4
