@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from unclip.training.ema import EMA
+from unclip.training.fsdp import clip_sharded_gradients, mark_unit
 from unclip.training.nan_guard import first_non_finite
 
 CHECKPOINT_CLASS_KEY = "unclip_module"
@@ -61,6 +62,9 @@ class UnclipModule(L.LightningModule):
 
     # ---- EMA -----------------------------------------------------------------------------------
     def init_ema(self) -> None:
+        # shapes as built: under FSDP the parameters become flat 1-D shards (weight decay groups)
+        self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
+        mark_unit(self.net)  # network and EMA copy: FSDP units of one structure (training/fsdp.py)
         if self.ema_cfg and self.ema_cfg.get("decay", 0) > 0:
             self.ema = EMA(self.net, **self.ema_cfg)
 
@@ -96,13 +100,28 @@ class UnclipModule(L.LightningModule):
     def parameters_to_optimize(self) -> list[dict]:
         """AdamW groups: no weight decay on biases, norms and embeddings (1-D tensors)."""
         decay, no_decay = [], []
-        for param in self.net.parameters():
+        ndims = getattr(self, "_param_ndims", {})
+        for name, param in self.net.named_parameters():
             if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
+                ndim = ndims.get(unwrapped_name(name), param.ndim)
+                (decay if ndim >= 2 else no_decay).append(param)
         return [
             {"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # FSDP: the norm over all shards, through the root module (Lightning's FSDP precision
+        # plugin refuses norm clipping); everything else: Lightning's own clipping
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if clip_sharded_gradients(self._trainer, float(gradient_clip_val)):
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _adamw_implementation(self) -> dict[str, bool]:
         """The fused kernel (one call for every parameter: 5-6x faster steps than torch's
@@ -144,6 +163,14 @@ class UnclipModule(L.LightningModule):
         # a resumed run keeps counting from the total over ranks, carried on by rank 0
         total = int(checkpoint.get(SKIPPED_KEY, 0))
         self._skipped_total = total if self._trainer is None or self.trainer.is_global_zero else 0
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without FSDP / activation-checkpointing wrapper segments."""
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+
+
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 class _LRSchedule:

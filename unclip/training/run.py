@@ -13,11 +13,13 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip.training.checkpoints import SafeCheckpointIO, newest_loadable, remove_staged
 from unclip.training.config_check import check_config
+from unclip.training.fsdp import FullWeightsForEval
 from unclip.training.loggers import finish_loggers
 from unclip.training.seeding import RankSeed
 
@@ -96,10 +98,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if expected_dim and hasattr(datamodule, "check_embed_dim"):
         datamodule.check_embed_dim(expected_dim, "model.embed_dim")
     loggers = instantiate_loggers(cfg.get("logger"))
+    strategy = instantiate_strategy(cfg.strategy)
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), RankSeed(cfg.seed)]
+    if isinstance(strategy, FSDPStrategy):
+        callbacks.append(FullWeightsForEval())
     trainer = instantiate(
         cfg.trainer,
-        strategy=instantiate_strategy(cfg.strategy),
-        callbacks=[*instantiate_callbacks(cfg.get("callbacks")), RankSeed(cfg.seed)],
+        strategy=strategy,
+        callbacks=callbacks,
         logger=loggers or False,
         plugins=trainer_plugins(),
         default_root_dir=cfg.paths.run_dir,
