@@ -57,7 +57,7 @@ def _load_stage(path: str | Path, role: str, needs: Sequence[str], device: torch
     from unclip.training.module import load_module  # Lightning import only when loading
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a file, or the folder of a sharded FSDP checkpoint
         raise CheckpointError(f"{role}.checkpoint={str(path)!r}: no such checkpoint file")
     try:
         module = load_module(path, map_location="cpu")

@@ -8,6 +8,7 @@ so `load_module(path)` can rebuild any stage without being told which one it is.
 from __future__ import annotations
 
 import importlib
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -198,12 +199,23 @@ def lr_lambda(schedule: str, warmup: int, total: int | None, min_ratio: float) -
     return _LRSchedule(schedule, warmup, total, min_ratio)
 
 
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file, or a sharded FSDP checkpoint folder (`strategy.state_dict_type=sharded`)
+    consolidated in memory into the same one-file form."""
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+        return _format_checkpoint(_load_distributed_checkpoint(path))
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> UnclipModule:
     """Rebuild whichever stage a checkpoint holds, with its EMA weights, in eval mode."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(path, map_location)
     class_path = checkpoint.get(CHECKPOINT_CLASS_KEY)
     if class_path is None:
         raise ValueError(f"{path} is not an unclip checkpoint (no '{CHECKPOINT_CLASS_KEY}' entry)")
@@ -212,6 +224,11 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> U
         raise ValueError(f"{path} holds NaN/inf weights ({bad_key}): refusing to sample with it")
     module_name, _, class_name = CLASS_ALIASES.get(class_path, class_path).rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    source: Path | io.BytesIO = path
+    if path.is_dir():  # consolidated above: hand Lightning the one-file form
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
+    module = cls.load_from_checkpoint(source, map_location=map_location, weights_only=True)
     module.checkpoint_path = str(path)
     return module.eval()

@@ -22,18 +22,18 @@ class NonFiniteError(RuntimeError):
     """Training produced NaN/inf (loss, gradients or weights)."""
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of a (possibly sharded: DTensor, ShardedTensor) tensor held by this process."""
+def local_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The parts of a (possibly sharded: ShardedTensor, DTensor) tensor held by this process."""
+    if hasattr(tensor, "local_shards"):
+        return [shard.tensor for shard in tensor.local_shards()]
     if hasattr(tensor, "to_local"):
-        return tensor.to_local()
-    if hasattr(tensor, "local_tensor"):
-        return tensor.local_tensor()
-    return tensor
+        return [tensor.to_local()]
+    return [tensor]
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    floats = [local_tensor(t) for t in tensors if torch.is_floating_point(t)]
-    floats = [t for t in floats if t.numel()]
+    parts = [part for t in tensors for part in local_parts(t)]
+    floats = [t for t in parts if torch.is_floating_point(t) and t.numel()]
     if not floats:
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
