@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
@@ -28,9 +28,12 @@ demo: $(STAMP)
 data: $(STAMP)
 	$(PY) -m unclip.data.shapes
 
+# ruff, then the import layers of pyproject.toml's [tool.importlinter] (this tree's code, not
+# whichever checkout the venv was installed from)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check unclip tests bench train.py sample.py
 	$(VENV)/bin/ruff format --check unclip tests bench train.py sample.py
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix unclip tests bench train.py sample.py

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from unclip.diffusion import GaussianDiffusion, guide
-from unclip.nn.diffusion_prior_net import DiffusionPriorNet, Prefix
+from unclip.diffusion import GaussianDiffusion, guide_halves, sample
+from unclip.nn.caption_encoder import CaptionEncoder
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet
+from unclip.nn.transformer import Prefix
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -78,15 +80,15 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
 
 def ours(s: dict[str, int]) -> DiffusionPriorNet:
     """Caption states come in at embed_dim and are projected to the width, as in diffusers."""
-    text_encoder = {
-        "mode": "own",
-        "width": s["embed_dim"],
-        "context_length": s["tokens"],
-        "layers": 0,
-        "heads": 1,
-    }
+    text_encoder = CaptionEncoder(
+        mode="own", width=s["embed_dim"], context_length=s["tokens"], layers=0, heads=1
+    )
     net = DiffusionPriorNet(
-        s["embed_dim"], s["width"], s["layers"], s["heads"], text_encoder=text_encoder
+        s["embed_dim"],
+        width=s["width"],
+        layers=s["layers"],
+        heads=s["heads"],
+        caption_encoder=text_encoder,
     )
     net.caption_encoder.requires_grad_(False)  # unused: the bench feeds caption states
     return net
@@ -186,8 +188,12 @@ class Bench:
         def run() -> None:
             with self.autocast:
                 model_fn = make_model_fn(b)
-                self.diffusion.sample(
-                    model_fn, (b, d), steps=self.args.sample_steps, device=self.device
+                sample(
+                    self.diffusion,
+                    model_fn,
+                    (b, d),
+                    {"steps": self.args.sample_steps},
+                    device=self.device,
                 )
 
         return run
@@ -199,7 +205,7 @@ class Bench:
 
         def model_fn(x_t, t):
             both = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), states, mask, txt).float()
-            return guide(*both.chunk(2), scale)
+            return guide_halves(both, scale)
 
         return model_fn
 
@@ -212,7 +218,7 @@ class Bench:
 
         def model_fn(x_t, t):
             both = cache.denoise(torch.cat([x_t, x_t]), torch.cat([t, t])).float()
-            return guide(*both.chunk(2), scale)
+            return guide_halves(both, scale)
 
         return model_fn
 

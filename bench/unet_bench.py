@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from unclip.diffusion import GaussianDiffusion, guide
+from unclip.diffusion import GaussianDiffusion, guide_halves, sample
 from unclip.nn.unet import UNet
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -177,14 +177,14 @@ def sample_latency(net, fn, cfg, args, device, autocast) -> float:
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast():
             out = fn(torch.cat([x, x]), torch.cat([t, t]), cond, context).float()
-        c, u = out.chunk(2)
-        return guide(c, u, args.guidance_scale, channels if learned else None)
+        return guide_halves(out, args.guidance_scale, channels if learned else None)
 
     shape = (args.sample_batch, 3, cfg["image_size"], cfg["image_size"])
-    diffusion.sample(model_fn, shape, steps=2, sampler="ddim", device=device)  # warm-up
+    sample(diffusion, model_fn, shape, {"sampler": "ddim", "steps": 2}, device=device)  # warm-up
     synchronize(device)
     start = time.perf_counter()
-    diffusion.sample(model_fn, shape, steps=args.sample_steps, sampler="ddim", device=device)
+    settings = {"sampler": "ddim", "steps": args.sample_steps}
+    sample(diffusion, model_fn, shape, settings, device=device)
     synchronize(device)
     return time.perf_counter() - start
 

@@ -1,8 +1,9 @@
 """Checkpoints written before the issue-9 renames still load and sample the same outputs.
 
 tests/fixtures/pre_refactor holds tiny diffusion-prior, AR-prior, decoder and upsampler checkpoints
-written by the code of that time (make_fixture.py, at the commit that added them) and the samples
-that code drew from them under fixed seeds."""
+written by the code of that time and the samples that code drew from them under fixed seeds. The
+script that made them imports modules that have since moved; it is in the history:
+`git show ed38718:tests/fixtures/pre_refactor/make_fixture.py`."""
 
 from __future__ import annotations
 

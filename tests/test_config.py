@@ -94,6 +94,54 @@ def test_wrong_type_is_named() -> None:
         check_config(cfg, CHECKED_GROUPS)
 
 
+@pytest.mark.parametrize(
+    ("model", "override", "message"),
+    [
+        ("prior_diffusion", "+model.net.widht=3", r"model\.net\.widht: unknown key"),
+        ("prior_diffusion", "model.net.width=wide", r"model\.net\.width: expected int"),
+        ("prior_diffusion", "+model.text_encoder.depth=2", r"model\.text_encoder\.depth"),
+        ("prior_diffusion", "model.sampling.steps=many", r"model\.sampling\.steps: expected int"),
+        ("prior_diffusion", "model.sampling.eta=0.5", r"model\.sampling\.eta=0\.5 does nothing"),
+        ("prior_diffusion", "+model.diffusion.prediction=eps", r"model\.diffusion\.prediction"),
+        ("decoder", "+model.net.unet.image_size=8", r"model\.net\.unet\.image_size: unknown"),
+        ("decoder", "model.net.text.layers=two", r"model\.net\.text\.layers: expected int"),
+        ("upsampler", "+model.sampling.stpes=4", r"model\.sampling\.stpes: no sampler reads"),
+        ("prior_ar", "model.sampling.temperature=hot", r"model\.sampling\.temperature"),
+        ("clip", "+model.optim.momentum=0.9", r"model\.optim\.momentum: unknown key"),
+    ],
+)
+def test_typed_blocks_name_the_bad_key_at_start_up(model: str, override: str, message: str):
+    """Every nested block is read into its dataclass by one function, before anything is built."""
+    cfg = compose_train([f"model={model}", override])
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg, CHECKED_GROUPS)
+
+
+def test_a_dataclass_default_is_what_train_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key the YAML leaves out takes the default of the dataclass beside the network, and only
+    that: change it there and train.py's model changes with it."""
+    from hydra.utils import instantiate
+
+    from unclip.nn.diffusion_prior_net import DiffusionPriorNetConfig
+
+    cfg = compose_train(["model=prior_diffusion"])
+    del cfg.model.net.mlp_ratio
+    width = cfg.model.net.width
+
+    def hidden_width() -> int:
+        check_config(cfg, CHECKED_GROUPS)
+        module = instantiate(cfg.model, _convert_="all")  # as training.run.build does
+        return module.net.transformer.blocks[0].mlp.net[0].out_features
+
+    assert hidden_width() == DiffusionPriorNetConfig().mlp_ratio * width
+    defaults = DiffusionPriorNetConfig.__init__.__defaults__
+    names = [f for f in DiffusionPriorNetConfig.__dataclass_fields__]
+    changed = tuple(2 if n == "mlp_ratio" else d for n, d in zip(names, defaults, strict=True))
+    monkeypatch.setattr(DiffusionPriorNetConfig.__init__, "__defaults__", changed)
+    assert DiffusionPriorNetConfig().mlp_ratio == 2
+    assert hidden_width() == 2 * width
+
+
 def test_missing_required_value_is_named() -> None:
     cfg = compose_train(["model.model_name=???"])
     with pytest.raises(ConfigError, match=r"model\.model_name"):

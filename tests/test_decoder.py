@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from unclip.data.shapes import COLOURS
 from unclip.evaluation.colour import dominant_colour
 from unclip.models.decoder import DecoderModule, guidance_drops
+from unclip.nn.caption_encoder import CaptionEncoder
 from unclip.nn.decoder_net import DecoderNet
-from unclip.nn.unet import AttentionBlock, ResBlock
+from unclip.nn.unet import AttentionBlock, ResBlock, UNetConfig
 from unclip.training.module import load_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -147,7 +148,7 @@ def test_training_drops_embeddings_and_captions_at_the_configured_rates(
     monkeypatch.setattr(module.net, "forward", spy)
     batch = collate(training_items() * 25)
     for _ in range(40):
-        module.forward_losses(module.net, batch, drop=True)
+        module.diffusion.training_losses(*module.conditioned(module.net, batch, drop=True))
     count = seen["samples"]
     assert count == 4000
     assert abs(seen["images"] / count - 0.2) < 4 * math.sqrt(0.16 / count)
@@ -159,8 +160,9 @@ def test_a_dropped_embedding_becomes_the_null_embedding() -> None:
     for kind in ("zero", "learned"):
         net = DecoderNet(
             EMBED_DIM,
-            {**TINY_NET["unet"], "image_size": SIZE},
-            TINY_NET["text"],
+            unet=UNetConfig(**TINY_NET["unet"]),
+            caption_encoder=CaptionEncoder(**TINY_NET["text"]),
+            image_size=SIZE,
             null_image_embedding=kind,
         )
         if kind == "learned":
@@ -182,7 +184,7 @@ def test_a_dropped_embedding_becomes_the_null_embedding() -> None:
 
 
 def test_bad_settings_are_named() -> None:
-    with pytest.raises(ValueError, match=r"model\.net\.unet\.image_size"):
+    with pytest.raises(ValueError, match=r"model\.net\.unet\.image_size: unknown key"):
         tiny_decoder(net={**TINY_NET, "unet": {**TINY_NET["unet"], "image_size": 8}})
     with pytest.raises(ValueError, match=r"model\.guidance\.image_drop"):
         tiny_decoder(guidance={"image_drop": 0.1})
@@ -190,7 +192,7 @@ def test_bad_settings_are_named() -> None:
         tiny_decoder(sampling={"sampler": "euler"})
     module = tiny_decoder()
     with pytest.raises(ValueError, match="data.image_size=16"):
-        module.forward_losses(
+        module.conditioned(
             module.net, collate(training_items()) | {"image": torch.zeros(4, 3, 8, 8)}, drop=True
         )
     with pytest.raises(ValueError, match="takes 8"):

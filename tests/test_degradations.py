@@ -118,7 +118,9 @@ def test_build_degradation_from_config_and_errors_name_the_key() -> None:
         build_degradation({"kind": "sharpen"})
     with pytest.raises(ValueError, match=r"model\.degradation\.sigma_range"):
         build_degradation({"kind": "gaussian_blur", "sigma_range": [0.9, 0.3]})
-    with pytest.raises(ValueError, match=r"model\.degradation \(kind bsr\).*blur_sigma"):
+    with pytest.raises(ValueError, match=r"model\.degradation\.blur_sigma: unknown key"):
         build_degradation({"kind": "bsr", "blur_sigma": 1.0})
+    with pytest.raises(ValueError, match=r"model\.degradation\.blur_passes: expected int"):
+        build_degradation({"kind": "bsr", "blur_passes": "two"})
     with pytest.raises(ValueError, match=r"model\.degradation\.jpeg_quality_range"):
         BSRDegradation(jpeg_quality_range=(30, 120))

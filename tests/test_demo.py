@@ -130,7 +130,10 @@ def test_score_table_marks_the_bars_on_held_in_rows_only() -> None:
         "held-in": {"colour": 0.95, "shape": 0.75, "images": 168},
         "held-out": {"colour": 0.5, "shape": 0.25, "images": 24},
     }
-    prior = {"held-in": {"prior": 0.91, "text_baseline": 0.3}, "held-out": {"prior": 0.8}}
+    prior = {
+        "held-in": {"cosine": 0.91, "text_baseline_cosine": 0.3},
+        "held-out": {"cosine": 0.8},
+    }
     table = format_table(summary, prior, {"colour": 0.9, "shape": 0.8}, {"shape": 0.83})
     held_in, held_out = (line for line in table.splitlines() if line.startswith("held-"))
     assert "95.0% ok" in held_in and "75.0% LOW" in held_in and "0.910" in held_in

@@ -12,8 +12,11 @@ from torch import nn
 from unclip.diffusion import (
     GaussianDiffusion,
     classifier_free_guidance,
+    ddim_invert,
     guide,
     make_beta_schedule,
+    resolve,
+    sample,
     strided_timesteps,
 )
 
@@ -180,13 +183,19 @@ def mixture_denoiser(diff: GaussianDiffusion):
 
 
 @pytest.mark.parametrize(
-    ("sampler", "eta", "steps"),
-    [("ddpm", 0.0, 1000), ("ddpm", 0.0, 64), ("ddim", 0.0, 64), ("ddim", 1.0, 64)],
+    "settings",
+    [
+        {"sampler": "ddpm", "steps": 1000},
+        {"sampler": "ddpm", "steps": 64},
+        {"sampler": "ddim", "steps": 64, "eta": 0.0},
+        {"sampler": "ddim", "steps": 64, "eta": 1.0},
+        {"sampler": "dpmpp_2m", "steps": 20},
+    ],
 )
-def test_samplers_reproduce_a_bimodal_distribution(sampler: str, eta: float, steps: int) -> None:
+def test_samplers_reproduce_a_bimodal_distribution(settings: dict) -> None:
     diff = GaussianDiffusion(num_timesteps=1000, prediction="x0")
     gen = torch.Generator().manual_seed(0)
-    x = diff.sample(mixture_denoiser(diff), (4000, 1), steps, sampler, eta, generator=gen)
+    x = sample(diff, mixture_denoiser(diff), (4000, 1), settings, generator=gen)
     upper = x[x > 0]
     lower = x[x <= 0]
     assert len(upper) / len(x) == pytest.approx(0.5, abs=0.04)
@@ -199,8 +208,8 @@ def test_samplers_reproduce_a_bimodal_distribution(sampler: str, eta: float, ste
 def test_same_generator_seed_gives_the_same_samples() -> None:
     diff = GaussianDiffusion(num_timesteps=100, prediction="x0")
     fn = mixture_denoiser(diff)
-    draw = lambda seed: diff.sample(  # noqa: E731
-        fn, (8, 1), 20, "ddpm", generator=torch.Generator().manual_seed(seed)
+    draw = lambda seed: sample(  # noqa: E731
+        diff, fn, (8, 1), {"steps": 20}, generator=torch.Generator().manual_seed(seed)
     )
     torch.testing.assert_close(draw(3), draw(3))
     assert not torch.equal(draw(3), draw(4))
@@ -210,16 +219,49 @@ def test_ddim_inversion_then_deterministic_ddim_reconstructs() -> None:
     diff = GaussianDiffusion(num_timesteps=1000, prediction="x0")
     fn = mixture_denoiser(diff)
     x0 = torch.tensor([[-2.1], [-1.8], [1.3], [1.6]])
-    x_T = diff.ddim_invert(fn, x0, steps=100)
+    x_T = ddim_invert(diff, fn, x0, steps=100)
     assert x_T.std().item() > 0.3  # it did travel to noise
-    back = diff.sample(fn, x0.shape, steps=100, sampler="ddim", eta=0.0, noise=x_T)
+    back = sample(diff, fn, x0.shape, {"sampler": "ddim", "steps": 100}, noise=x_T)
     torch.testing.assert_close(back, x0, atol=0.03, rtol=0)
 
 
 def test_clip_denoised_keeps_samples_in_range() -> None:
     diff = GaussianDiffusion(num_timesteps=100, prediction="x0")
-    x = diff.sample(mixture_denoiser(diff), (500, 1), 20, "ddim", clip_denoised=(-1.0, 1.0))
-    assert x.min().item() >= -1.0 - 1e-5 and x.max().item() <= 1.0 + 1e-5
+    for name in ("ddim", "dpmpp_2m"):
+        settings = {"sampler": name, "steps": 20}
+        x = sample(diff, mixture_denoiser(diff), (500, 1), settings, clip_denoised=(-1.0, 1.0))
+        assert x.min().item() >= -1.0 - 1e-5 and x.max().item() <= 1.0 + 1e-5
+
+
+def test_dpm_solver_is_second_order_where_ddim_is_first() -> None:
+    """From the same x_T, 20 DPM-Solver++(2M) steps land far closer than 20 DDIM steps to where
+    the probability-flow ODE goes (deterministic DDIM over all 1000 steps)."""
+    diff = GaussianDiffusion(num_timesteps=1000, prediction="x0")
+    fn = mixture_denoiser(diff)
+    x_T = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0))
+
+    def run(name: str, steps: int) -> torch.Tensor:
+        return sample(diff, fn, x_T.shape, {"sampler": name, "steps": steps}, noise=x_T)
+
+    exact = run("ddim", 1000)
+    ddim_error = (run("ddim", 20) - exact).abs().mean()
+    dpm_error = (run("dpmpp_2m", 20) - exact).abs().mean()
+    assert dpm_error < 0.5 * ddim_error
+
+
+def test_sampler_settings_are_checked_by_name() -> None:
+    name, config = resolve({"sampler": "ddim", "steps": 8, "eta": 0.5})
+    assert (name, config.steps, config.eta) == ("ddim", 8, 0.5)
+    # a shared block may carry another sampler's key at its default, never a value it ignores
+    assert resolve({"sampler": "ddpm", "eta": 0.0})[0] == "ddpm"
+    with pytest.raises(
+        ValueError, match=r"model.sampling.eta=0.5 does nothing with sampler='ddpm'"
+    ):
+        resolve({"sampler": "ddpm", "eta": 0.5}, "model.sampling")
+    with pytest.raises(ValueError, match=r"model.sampling.stpes: no sampler reads it"):
+        resolve({"stpes": 8}, "model.sampling")
+    with pytest.raises(ValueError, match=r"sampler='euler': choose one of"):
+        resolve({"sampler": "euler"})
 
 
 def test_a_trained_network_reproduces_a_2d_gaussian() -> None:
@@ -243,7 +285,8 @@ def test_a_trained_network_reproduces_a_2d_gaussian() -> None:
         losses.append(loss.item())
     # predicting zero noise scores 1.0; a network that learned the denoiser does far better
     assert sum(losses[-100:]) / 100 < 0.5
-    x = diff.sample(model_fn, (4000, 2), steps=100, generator=torch.Generator().manual_seed(1))
+    settings = {"steps": 100}
+    x = sample(diff, model_fn, (4000, 2), settings, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x.mean(0), mean, atol=0.08, rtol=0)
     torch.testing.assert_close(x.std(0), std, atol=0.08, rtol=0)
 
@@ -260,11 +303,17 @@ def test_guidance_extrapolates_from_unconditional_to_conditional() -> None:
     torch.testing.assert_close(mixed[:, 1:], cond[:, 1:])
 
 
-def test_guidance_scale_one_calls_only_the_conditional_model() -> None:
-    calls = []
-    cond_fn = lambda x, t: calls.append("c") or x  # noqa: E731
-    uncond_fn = lambda x, t: calls.append("u") or x  # noqa: E731
-    classifier_free_guidance(cond_fn, uncond_fn, 1.0)(torch.zeros(1), torch.zeros(1))
-    assert calls == ["c"]
-    classifier_free_guidance(cond_fn, uncond_fn, 3.0)(torch.zeros(1), torch.zeros(1))
-    assert calls == ["c", "c", "u"]
+def test_guidance_runs_one_doubled_batch_and_scale_one_the_plain_model() -> None:
+    rows = []
+
+    def doubled_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows.append(len(x))
+        # conditional rows predict x + 1, unconditional ones x
+        return x + (torch.arange(len(x)) < len(x) // 2).float().view(-1, 1) * (len(x) > 2)
+
+    x = torch.zeros(2, 1)
+    classifier_free_guidance(doubled_fn, 1.0)(x, torch.zeros(2))
+    assert rows == [2]
+    out = classifier_free_guidance(doubled_fn, 3.0)(x, torch.zeros(2))
+    assert rows == [2, 4]
+    torch.testing.assert_close(out, torch.full((2, 1), 3.0))

@@ -50,7 +50,17 @@ def test_fsdp_prior_matches_ddp_and_resumes_from_a_full_checkpoint(shards, tmp_p
     moved = max((fsdp[k] - fsdp[k.replace("ema.module.", "net.")]).abs().max() for k in ema)
     assert moved > 0  # the EMA averaged rather than copied
 
-    run_train(overrides("prior", shards, tmp_path, *FSDP, "run_name=fsdp", "trainer.max_steps=8", "ckpt_path=last"))
+    run_train(
+        overrides(
+            "prior",
+            shards,
+            tmp_path,
+            *FSDP,
+            "run_name=fsdp",
+            "trainer.max_steps=8",
+            "ckpt_path=last",
+        )
+    )
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 8 and int(resumed["state_dict"]["ema.num_updates"]) == 8
     prior = load_module(last)
@@ -62,16 +72,23 @@ def test_fsdp_decoder_with_sharded_checkpoints_resumes_and_samples(shards, tmp_p
     torch.set_num_threads(1)
     args = [*FSDP, "strategy.state_dict_type=sharded", "run_name=dec", "trainer.max_steps=4",
             "trainer.val_check_interval=2", "callbacks.last_checkpoint.every_n_train_steps=2"]  # fmt: skip
-    with_grid = [a for a in overrides("decoder", shards, tmp_path, *args) if a != "~callbacks.sample_grid"]
+    with_grid = [
+        a for a in overrides("decoder", shards, tmp_path, *args) if a != "~callbacks.sample_grid"
+    ]
     metrics = run_train([*with_grid, "callbacks.sample_grid.num_samples=2"])
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert sorted(p.name for p in (tmp_path / "dec" / "samples").glob("*.png")) == [
-        "step0000002.png", "step0000004.png"
+        "step0000002.png",
+        "step0000004.png",
     ]  # the sample grid, drawn from the full EMA weights
     last = tmp_path / "dec" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / ".metadata").is_file()  # sharded: one folder, every rank
-    run_train(overrides("decoder", shards, tmp_path, *args, "trainer.max_steps=6", "ckpt_path=last"))
+    run_train(
+        overrides("decoder", shards, tmp_path, *args, "trainer.max_steps=6", "ckpt_path=last")
+    )
     decoder = load_module(last)
     assert int(decoder.ema.num_updates) == 6
-    images = decoder.sample(torch.nn.functional.normalize(torch.randn(2, 8), dim=-1), ["a", "b"], steps=2)
+    images = decoder.sample(
+        torch.nn.functional.normalize(torch.randn(2, 8), dim=-1), ["a", "b"], steps=2
+    )
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()

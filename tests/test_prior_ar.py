@@ -3,6 +3,7 @@ embeddings, guidance and temperature, checkpoints and resume without refitting."
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 from unclip.data.datamodule import ShardDataModule
 from unclip.data.format import embedding_meta, write_json_atomic
 from unclip.data.writer import AtomicShardWriter
+from unclip.diffusion import guide_halves
 from unclip.models.ar_prior import ARPriorModule
 from unclip.models.ar_prior_tokenizer import EmbeddingTokenizer
 from unclip.nn.ar_prior_net import ARPriorNet, filter_logits, sample_logits
+from unclip.nn.caption_encoder import CaptionEncoder
 from unclip.training.module import load_module
 
 DIM = 16
@@ -213,8 +216,8 @@ def test_tokenizer_names_bad_settings_and_refuses_to_encode_unfitted() -> None:
 # ---- the network --------------------------------------------------------------------------------
 def random_net() -> ARPriorNet:
     torch.manual_seed(0)
-    text = {"mode": "own", "width": 16, "context_length": 8, "layers": 1, "heads": 2}
-    net = ARPriorNet(DIM, 6, 16, 8, width=32, layers=2, heads=4, text_encoder=text)
+    text = CaptionEncoder(mode="own", width=16, context_length=8, layers=1, heads=2)
+    net = ARPriorNet(DIM, 6, 16, 8, width=32, layers=2, heads=4, caption_encoder=text)
     return net.eval()
 
 
@@ -237,11 +240,12 @@ def test_cached_sampling_matches_the_full_forward(scale: float) -> None:
     txt_emb, dot_codes = torch.randn(3, DIM), torch.tensor([0, 3, 7])
     with torch.no_grad():
         expected = greedy_without_cache(net, tokens, txt_emb, dot_codes, scale)
-    got = net.generate(tokens, txt_emb, dot_codes, guidance_scale=scale, temperature=0.0)
+    guidance = functools.partial(guide_halves, scale=scale) if scale != 1.0 else None
+    got = net.generate(tokens, txt_emb, dot_codes, guidance=guidance, temperature=0.0)
     assert torch.equal(got, expected)
     # and random draws: the same codes with and without the cache under one seed
     cached, uncached = (
-        net.generate(tokens, txt_emb, dot_codes, scale, generator=seeded(1), use_cache=use)
+        net.generate(tokens, txt_emb, dot_codes, guidance, generator=seeded(1), use_cache=use)
         for use in (True, False)
     )
     assert torch.equal(cached, uncached)

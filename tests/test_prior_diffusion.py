@@ -18,10 +18,12 @@ from unclip.data.datamodule import ShardDataModule
 from unclip.data.format import embedding_meta, write_json_atomic
 from unclip.data.writer import AtomicShardWriter
 from unclip.evaluation.prior_metrics import prior_metrics
+from unclip.models.captions import build_caption_encoder
 from unclip.models.diffusion_prior import DiffusionPriorModule, best_by_dot_product
 from unclip.models.embedding_norm import EmbeddingNorm
 from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.diffusion_prior_net import DiffusionPriorNet, Prefix
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet
+from unclip.nn.transformer import Prefix
 from unclip.training.module import load_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -152,7 +154,7 @@ def val_batch(synthetic_shards: Path) -> dict:
 # ---- caption encoder ------------------------------------------------------------------------
 def test_own_caption_encoder_states_mask_and_trimming() -> None:
     torch.manual_seed(0)
-    encoder = CaptionEncoder("own", width=32, context_length=12, layers=1, heads=2)
+    encoder = CaptionEncoder(mode="own", width=32, context_length=12, layers=1, heads=2)
     tokens = encoder.tokenize(CAPTIONS)
     states, pooled, mask = encoder(tokens)
     assert states.shape == (3, 12, 32) and pooled.shape == (3, 32) and encoder.out_dim == 32
@@ -172,7 +174,8 @@ def test_own_caption_encoder_states_mask_and_trimming() -> None:
 def test_clip_caption_encoder_is_frozen_shared_and_not_saved() -> None:
     from unclip.clip import token_states
 
-    encoder = CaptionEncoder("clip", width=999, clip="unclip-tiny")  # random init, offline
+    # the stage loads the CLIP and hands it in (random init, offline)
+    encoder = build_caption_encoder({"mode": "clip", "width": 999, "clip": "unclip-tiny"}, "t")
     assert list(encoder.parameters()) == [] and encoder.state_dict() == {}
     assert encoder.out_dim == 128 and encoder.context_length == 32  # from conf/clip_arch
     tokens = encoder.tokenize(CAPTIONS)
@@ -184,10 +187,12 @@ def test_clip_caption_encoder_is_frozen_shared_and_not_saved() -> None:
     assert copy.deepcopy(encoder).clip_model is encoder.clip_model  # the EMA copy shares it
     encoder.train()
     assert not encoder.clip_model.training
-    with pytest.raises(ValueError, match="needs a CLIP spec"):
-        CaptionEncoder("clip")
+    with pytest.raises(ValueError, match=r"model.text_encoder.mode=clip needs a CLIP spec"):
+        build_caption_encoder({"mode": "clip"}, "model.text_encoder")
+    with pytest.raises(ValueError, match="needs the CLIP"):
+        CaptionEncoder(mode="clip", clip="unclip-tiny")  # nn never loads it itself
     with pytest.raises(ValueError, match="mode"):
-        CaptionEncoder("bert")
+        CaptionEncoder(mode="bert")
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -237,8 +242,10 @@ def test_l2_normalisation_has_nothing_to_fit() -> None:
 # ---- the network -----------------------------------------------------------------------------
 def test_prefix_cache_and_trimmed_captions_match_the_full_causal_pass() -> None:
     torch.manual_seed(0)
-    text_encoder = {"mode": "own", "width": 32, "context_length": 12, "layers": 1, "heads": 2}
-    net = DiffusionPriorNet(EMBED_DIM, 32, 2, 4, text_encoder=text_encoder).eval()
+    text_encoder = CaptionEncoder(mode="own", width=32, context_length=12, layers=1, heads=2)
+    net = DiffusionPriorNet(
+        EMBED_DIM, width=32, layers=2, heads=4, caption_encoder=text_encoder
+    ).eval()
     tokens = net.caption_encoder.tokenize(CAPTIONS)
     txt, x_t, t = torch.randn(3, EMBED_DIM), torch.randn(3, EMBED_DIM), torch.tensor([0, 500, 999])
     drop = torch.tensor([False, False, True])
@@ -332,6 +339,23 @@ def test_checkpoint_loads_back_to_the_same_samples(trained, val_batch) -> None:
     before = module.sample(captions, txt, torch.Generator().manual_seed(7))
     after = loaded.sample(captions, txt, torch.Generator().manual_seed(7))
     assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_configured_eta_reaches_the_prior_samples(trained, val_batch) -> None:
+    """model.sampling.eta used to be ignored (sample() always ran eta=0): a DDIM prior configured
+    with eta=1 must sample differently from one with eta=0 under the same seed."""
+    _, checkpoint, _ = trained
+    captions, txt = val_batch["txt"][:16], val_batch["txt_emb"][:16]
+
+    def draw(eta: float) -> torch.Tensor:
+        sampling = {"sampler": "ddim", "eta": eta, "steps": 16, "best_of": 1}
+        module = DiffusionPriorModule.load_from_checkpoint(checkpoint, sampling=sampling)
+        assert module.sampling["eta"] == eta
+        return module.eval().sample(captions, txt, torch.Generator().manual_seed(7))
+
+    deterministic = draw(0.0)
+    torch.testing.assert_close(draw(0.0), deterministic)
+    assert (draw(1.0) - deterministic).abs().max() > 1e-2
 
 
 def test_resumed_run_does_not_refit_statistics(trained, synthetic_shards) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.training.ema import EMA
 from unclip.training.loggers import wandb_credentials_available, wandb_logger
 from unclip.training.module import load_module, lr_lambda
@@ -86,14 +87,34 @@ def test_sweep_summary_puts_jobs_side_by_side(tmp_path) -> None:
             "run_name": model,
             "overrides": [f"model={model}"],
             "step": 100,
-            "metrics": {"val/cos_to_truth": cos, "val/loss": 0.1, "train/loss": 0.2},
+            "metrics": {"val/cosine": cos, "val/loss": 0.1, "train/loss": 0.2},
         }
         (job / "metrics.json").write_text(json.dumps(record))
     rows = summary_table(collect(tmp_path))
-    assert rows[0] == ["job", "step", "val/loss", "val/cos_to_truth"]
+    assert rows[0] == ["job", "step", "val/loss", "val/cosine"]
     assert rows[1][0] == "model=prior_diffusion" and rows[1][3] == "0.9000"
     assert rows[2][0] == "model=prior_ar" and rows[2][3] == "0.8000"
     assert "| model=prior_ar" in format_markdown(rows)
+
+
+def test_sweep_summary_leads_with_the_metrics_the_priors_log() -> None:
+    """The default columns used to name metrics no stage logs (val/cos_to_truth, ...), so the
+    priors' numbers landed unordered among the extras: they come first now, in order."""
+    torch.manual_seed(0)
+    img, txt = torch.randn(4, 8), torch.randn(4, 8)
+    logged = {f"val/{k}": float(v) for k, v in prior_metrics(img + txt, img, txt).items()}
+    logged.update({"val/loss": 0.5, "val/aaa_other": 1.0, "train/loss": 0.4})
+    record = {"overrides": ["model=prior_diffusion"], "run_name": "a", "step": 1, "metrics": logged}
+    header = summary_table([record])[0]
+    assert header == [
+        "job",
+        "step",
+        "val/loss",
+        "val/cosine",
+        "val/text_baseline_cosine",
+        "val/retrieval_acc",
+        "val/aaa_other",
+    ]
 
 
 def test_sweep_summary_labels_jobs_by_the_overrides_that_differ() -> None:

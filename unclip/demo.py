@@ -24,8 +24,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from unclip.demo_report import print_timings, score_and_report
+from unclip.resources import conf_dir
+
+# train.py and sample.py, which every stage runs, live at the root of a source checkout
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = conf_dir()
 DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR = "data", "runs"
 PRIORS = ("prior_diffusion", "prior_ar")
 
@@ -60,6 +64,8 @@ def shown(command: list[str]) -> str:
 
 class Demo:
     """The stages, their outputs and their commands, from one config."""
+
+    conf_dir = CONF
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -174,9 +180,10 @@ class Demo:
             *self.cfg.sample.overrides,
         ]
 
-    def sample_and_score(self) -> None:
-        from unclip.demo_report import score_and_report  # torch only when sampling
+    def shown(self, command: list[str]) -> str:
+        return shown(command)
 
+    def sample_and_score(self) -> None:
         score_and_report(self)
 
 
@@ -191,8 +198,6 @@ def main(argv: list[str] | None = None) -> None:
     demo = Demo(load_config(args.overrides))
     demo.run(dry_run=args.dry_run)
     if not args.dry_run:
-        from unclip.demo_report import print_timings
-
         print_timings(demo.timings, time.perf_counter() - started)
 
 

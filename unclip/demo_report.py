@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -21,11 +21,22 @@ from unclip.evaluation.binding import (
 )
 from unclip.evaluation.prior_fit import cosine_to_truth
 from unclip.images import load_image
-from unclip.sampling.run import Sampler, save_run, settings
+from unclip.sampling.run import ModeRunner, save_run, settings
 from unclip.sampling.shard_samples import read_samples
 
-if TYPE_CHECKING:
-    from unclip.demo import Demo
+
+class Demo(Protocol):
+    """What the report reads of unclip.demo.Demo (which imports this module, not the reverse)."""
+
+    cfg: DictConfig
+    shapes: Path
+    shapes_emb: Path
+    conf_dir: Path
+
+    def run_dir(self, stage: str) -> Path: ...
+    def sample_overrides(self) -> list[str]: ...
+    def shown(self, command: list[str]) -> str: ...
+
 
 PRIOR_SPLITS = {HELD_IN: "val", HELD_OUT: "holdout"}
 
@@ -42,7 +53,11 @@ def vocabulary(shapes_dir: Path) -> dict[str, Any]:
 
 
 def score_images(
-    record: dict[str, Any], out_dir: Path, vocab: dict[str, Any], sampler: Sampler, cfg: DictConfig
+    record: dict[str, Any],
+    out_dir: Path,
+    vocab: dict[str, Any],
+    sampler: ModeRunner,
+    cfg: DictConfig,
 ) -> list[dict[str, Any]]:
     """Judge every sampled image of a single-object caption, read back from its PNG."""
     specs = {
@@ -63,7 +78,7 @@ def score_images(
     return [{**j, "file": r["file"]} for j, r in zip(judged, rows, strict=True)]
 
 
-def score_prior(demo: Demo, sampler: Sampler) -> dict[str, dict[str, float]]:
+def score_prior(demo: Demo, sampler: ModeRunner) -> dict[str, dict[str, float]]:
     pipe, cfg = sampler.pipe, sampler.cfg
     prior_kwargs = settings(cfg.prior.get(pipe.prior_kind))
     generator = pipe.generator(cfg.seed)
@@ -84,8 +99,6 @@ def score_prior(demo: Demo, sampler: Sampler) -> dict[str, dict[str, float]]:
 
 
 def score_and_report(demo: Demo) -> dict[str, Any]:
-    from unclip.demo import CONF, shown
-
     cfg = demo.cfg
     out_dir = Path(cfg.sample.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +107,8 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     captions = [s.caption for s in specs] + list(cfg.sample.extra_captions)
     (out_dir / "captions.txt").write_text("\n".join(captions) + "\n")
     overrides = demo.sample_overrides()
-    print(f"$ {shown(['python', 'sample.py', *overrides])}", flush=True)
-    sampler = Sampler(compose_sample(CONF, overrides))
+    print(f"$ {demo.shown(['python', 'sample.py', *overrides])}", flush=True)
+    sampler = ModeRunner(compose_sample(demo.conf_dir, overrides))
     record = save_run(sampler, out_dir)
     judged = score_images(record, out_dir, vocab, sampler, cfg)
     summary = summarise(judged)
@@ -155,7 +168,8 @@ def format_table(
             f"{group:<10} {int(row.get('images', 0)):>6}  "
             f"{_pct(row.get('colour')) + marks.get('colour', ''):>15}  "
             f"{_pct(row.get('shape')) + marks.get('shape', ''):>12}  "
-            f"{fit.get('prior', float('nan')):>18.3f}  {fit.get('text_baseline', float('nan')):>13.3f}"
+            f"{fit.get('cosine', float('nan')):>18.3f}  "
+            f"{fit.get('text_baseline_cosine', float('nan')):>13.3f}"
         )
     bar_text = ", ".join(f"{name} >= {100 * bar:.0f}%" for name, bar in bars.items())
     lines.append(f"bars on held-in captions: {bar_text}")

@@ -8,8 +8,8 @@ from unclip.clip.factory import (
     encode_texts,
     load_clip,
     register_arch,
-    token_states,
 )
+from unclip.nn.caption_encoder import token_states
 
 __all__ = [
     "ARCH_DIR",

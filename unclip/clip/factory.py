@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-ARCH_DIR = Path(__file__).resolve().parents[2] / "conf" / "clip_arch"
-EOT_TOKEN_ID = 49407
+from unclip.resources import conf_path
+
+ARCH_DIR = conf_path("clip_arch")
+STAGE_CLASS_KEY = "unclip_module"  # where an unclip checkpoint names its stage class
 
 if ARCH_DIR.is_dir():
-    open_clip.add_model_config(ARCH_DIR)
+    open_clip.add_model_config(str(ARCH_DIR))
 
 
 @dataclass
@@ -112,14 +114,24 @@ def load_clip(spec: str, device: str | torch.device = "cpu") -> ClipBundle:
 
 
 def _load_stage_checkpoint(path: Path, device: str | torch.device) -> ClipBundle:
-    from unclip.training.module import load_module  # late import: models import this module
-
-    with quiet_random_init():
-        module = load_module(path, map_location=device)
-    model = getattr(module, "clip", None)
-    if model is None:
-        raise ValueError(f"{path} is a {type(module).__name__} checkpoint, not a model=clip one")
-    return _bundle(model, module.hparams["model_name"], str(path))
+    """The open_clip model of a `model=clip` checkpoint (its EMA weights when it has them), read
+    straight from the file: no Lightning, nothing downloaded."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    stage = str(checkpoint.get(STAGE_CLASS_KEY, "")).rpartition(".")[2]
+    hparams = checkpoint.get("hyper_parameters", {})
+    if stage != "ClipModule" or "model_name" not in hparams:
+        raise ValueError(f"{path} is a {stage or 'non-unclip'} checkpoint, not a model=clip one")
+    name = hparams["model_name"]
+    if hparams.get("arch"):
+        register_arch(name, hparams["arch"])
+    with quiet_random_init():  # the weights are loaded next
+        model = open_clip.create_model(name)
+    state = checkpoint["state_dict"]
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
+    model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return _bundle(model.to(device), name, str(path))
 
 
 def clip_pixels(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -157,18 +169,3 @@ def encode_texts(model: nn.Module, tokenizer: Callable, captions: list[str]) -> 
     """L2-normalised float32 caption embeddings."""
     tokens = tokenizer(captions).to(_device_of(model))
     return F.normalize(model.encode_text(tokens).float(), dim=-1)
-
-
-def token_states(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token text states after `ln_final` (what Karlo's decoder attends to) and the mask of
-    tokens up to and including EOT. `encode_text` returns only the pooled vector."""
-    if not hasattr(model, "token_embedding"):
-        raise NotImplementedError(
-            f"token states need open_clip's built-in text tower; {type(model).__name__} has a custom one"
-        )
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding.to(cast_dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-    eot_position = (tokens == EOT_TOKEN_ID).int().argmax(dim=-1, keepdim=True)
-    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-    return x, positions <= eot_position

@@ -105,7 +105,7 @@ def scene(split: str, index: int, seed: int, pair_fraction: float) -> dict[str, 
         words = [obj["colour"], obj["shape"]]
         if rng.random() < 0.5:
             words.insert(0, obj["size"])
-        record.update(objects=[obj], relation=None, caption=_with_article(words))
+        record.update(objects=[obj], relation=None, caption=with_article(" ".join(words)))
         return record
     first = _object(*rng.choice(combos(split)), PAIR_SCALE, rng)
     # beside a held-out object, anything goes; elsewhere no object is a held-out combination
@@ -120,14 +120,24 @@ def scene(split: str, index: int, seed: int, pair_fraction: float) -> dict[str, 
     after[along] = _place(0.5 + after["radius"], 1 - after["radius"] - MARGIN, rng)
     for obj in (first, second):
         obj[across] = _place(obj["radius"] + MARGIN, 1 - obj["radius"] - MARGIN, rng)
-    phrases = [_with_article([obj["colour"], obj["shape"]]) for obj in (first, second)]
+    phrases = [with_article(f"{obj['colour']} {obj['shape']}") for obj in (first, second)]
     caption = f"{phrases[0]} {relation} {phrases[1]}"
     record.update(objects=[first, second], relation=relation, caption=caption)
     return record
 
 
-def _with_article(words: list[str]) -> str:
-    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+def fix_article(text: str) -> str:
+    """ "a orange circle" -> "an orange circle": the one a/an rule of every caption and prompt."""
+    words = text.split(" ")
+    for i, word in enumerate(words[:-1]):
+        if word.lower() == "a" and words[i + 1][:1].lower() in "aeiou":
+            words[i] = word + "n"
+    return " ".join(words)
+
+
+def with_article(phrase: str) -> str:
+    """ "orange circle" -> "an orange circle"."""
+    return fix_article(f"a {phrase}")
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

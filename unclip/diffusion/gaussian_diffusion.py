@@ -1,6 +1,7 @@
 """Gaussian diffusion (DDPM / improved DDPM / DDIM) as one object, after guided-diffusion's
 `gaussian_diffusion.py`.
 
+The samplers that walk the reverse chain are functions in unclip.diffusion.samplers.
 The network is passed in as `model_fn(x_t, t) -> prediction`, a closure that holds its
 conditioning, so the same process serves the prior (embeddings [B, D]), the decoder and the
 upsamplers (images [B, C, H, W]). The network always sees the original training timesteps, also
@@ -14,32 +15,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from unclip.diffusion.schedules import make_beta_schedule, strided_timesteps
 
 PREDICTIONS = ("eps", "x0", "v")
-SAMPLERS = ("ddpm", "ddim")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _expand(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] shaped to broadcast against `like` ([B] -> [B, 1, ..., 1])."""
     out = values.to(t.device)[t].to(like.dtype)
     return out.view(-1, *([1] * (like.ndim - 1)))
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor):
-    """Gaussian noise drawn on the generator's device (so a CPU generator gives the same samples
-    on any device), then moved next to `like`."""
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return noise.to(like.device)
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +69,7 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale) -> torch.Tensor:
     )
 
 
-class _Chain:
+class Chain:
     """The reverse chain over a strided subset of timesteps: its own betas and posterior
     q(x_prev | x_t, x0), computed from the training alpha_bar at the visited steps."""
 
@@ -93,8 +86,22 @@ class _Chain:
         self.coef_xt = (1 - self.alpha_bar_prev) * (1 - self.betas).sqrt() / (1 - self.alpha_bar)
 
 
+@dataclass
+class DiffusionConfig:
+    """`model.diffusion`: the process a stage trains (see GaussianDiffusion)."""
+
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    prediction: str = "eps"
+    learned_variance: bool = False
+    vlb_weight: float = 0.001
+    loss_weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+
+
 class GaussianDiffusion(nn.Module):
-    """The forward process, the training losses and the DDPM / DDIM samplers.
+    """The forward process, the training losses and the reverse chains the samplers
+    (unclip.diffusion.samplers) walk.
 
     prediction: what the network outputs: `eps` (noise), `x0` (the clean sample; the paper's
     prior) or `v` (sqrt(a) eps - sqrt(1-a) x0). learned_variance: the network also outputs, as
@@ -106,17 +113,18 @@ class GaussianDiffusion(nn.Module):
     converges several times faster on small budgets.
     """
 
-    def __init__(
-        self,
-        schedule: str = "cosine",
-        num_timesteps: int = 1000,
-        prediction: str = "eps",
-        learned_variance: bool = False,
-        vlb_weight: float = 0.001,
-        loss_weighting: str = "uniform",
-        min_snr_gamma: float = 5.0,
-    ) -> None:
+    def __init__(self, config: DiffusionConfig | None = None, /, **settings: Any) -> None:
+        """From a config, or from DiffusionConfig's keyword arguments."""
         super().__init__()
+        config = config if config is not None else DiffusionConfig(**settings)
+        self.config = config
+        schedule, num_timesteps, prediction = (
+            config.schedule,
+            config.num_timesteps,
+            config.prediction,
+        )
+        learned_variance, vlb_weight = config.learned_variance, config.vlb_weight
+        loss_weighting, min_snr_gamma = config.loss_weighting, config.min_snr_gamma
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}: choose one of {PREDICTIONS}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -136,7 +144,7 @@ class GaussianDiffusion(nn.Module):
         # float64, not saved: they are a function of the config
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alpha_bar", alpha_bar, persistent=False)
-        self._full = _Chain(alpha_bar, torch.arange(self.num_timesteps))
+        self._full = Chain(alpha_bar, torch.arange(self.num_timesteps))
 
     # ---- the forward process -------------------------------------------------------------------
     def sample_timesteps(
@@ -153,7 +161,7 @@ class GaussianDiffusion(nn.Module):
     ) -> torch.Tensor:
         """x_t ~ q(x_t | x0)."""
         noise = torch.randn_like(x0) if noise is None else noise
-        a = _expand(self.alpha_bar, t, x0)
+        a = gather(self.alpha_bar, t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def q_posterior(
@@ -161,11 +169,11 @@ class GaussianDiffusion(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log-variance of q(x_{t-1} | x_t, x0) of the full chain."""
         chain = self._full
-        mean = _expand(chain.coef_x0, t, x_t) * x0 + _expand(chain.coef_xt, t, x_t) * x_t
+        mean = gather(chain.coef_x0, t, x_t) * x0 + gather(chain.coef_xt, t, x_t) * x_t
         return (
             mean,
-            _expand(chain.posterior_variance, t, x_t),
-            _expand(chain.posterior_log_variance, t, x_t),
+            gather(chain.posterior_variance, t, x_t),
+            gather(chain.posterior_log_variance, t, x_t),
         )
 
     # ---- reading the network's output ----------------------------------------------------------
@@ -180,7 +188,7 @@ class GaussianDiffusion(nn.Module):
         self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) implied by the network's prediction at x_t."""
-        a = _expand(self.alpha_bar, t, x_t)
+        a = gather(self.alpha_bar, t, x_t)
         if self.prediction == "eps":
             eps = prediction
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
@@ -193,7 +201,7 @@ class GaussianDiffusion(nn.Module):
         return x0, eps
 
     def eps_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = _expand(self.alpha_bar, t, x_t)
+        a = gather(self.alpha_bar, t, x_t)
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
@@ -201,7 +209,7 @@ class GaussianDiffusion(nn.Module):
             return noise
         if self.prediction == "x0":
             return x0
-        a = _expand(self.alpha_bar, t, x0)
+        a = gather(self.alpha_bar, t, x0)
         return a.sqrt() * noise - (1 - a).sqrt() * x0
 
     # ---- training ------------------------------------------------------------------------------
@@ -247,107 +255,23 @@ class GaussianDiffusion(nn.Module):
         true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
         x0_pred, _ = self.predict_x0_eps(prediction, x_t, t)
         mean, _ = self.q_posterior(x0_pred, x_t, t)[:2]
-        log_var = self._learned_log_variance(self._full, frac, t)
+        log_var = self.learned_log_variance(self._full, frac, t)
         kl = _mean_flat(normal_kl(true_mean, true_log_var, mean.float(), log_var)) / math.log(2.0)
         nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
         return torch.where(t == 0, nll / math.log(2.0), kl)
 
     @staticmethod
-    def _learned_log_variance(chain: _Chain, frac: torch.Tensor, index: torch.Tensor):
+    def learned_log_variance(chain: Chain, frac: torch.Tensor, index: torch.Tensor):
         """Interpolate, in the log domain, between the chain's posterior variance and beta at
         chain position `index` (the timestep itself on the full chain)."""
-        min_log = _expand(chain.posterior_log_variance, index, frac)
-        max_log = _expand(torch.log(chain.betas), index, frac)
+        min_log = gather(chain.posterior_log_variance, index, frac)
+        max_log = gather(torch.log(chain.betas), index, frac)
         weight = (frac.float() + 1) / 2
         return weight * max_log + (1 - weight) * min_log
 
-    # ---- sampling ------------------------------------------------------------------------------
-    def chain(self, steps: int | None) -> _Chain:
+    # ---- the reverse chain ---------------------------------------------------------------------
+    def chain(self, steps: int | None) -> Chain:
         """The reverse chain over `steps` strided timesteps (all of them for None)."""
         if steps is None or steps == self.num_timesteps:
             return self._full
-        return _Chain(self.alpha_bar, strided_timesteps(self.num_timesteps, steps))
-
-    def _denoise(self, model_fn, x, chain, index, clip_denoised):
-        """Network call at chain position `index`: (x0, eps, frac) with x0 optionally clipped."""
-        t_model = chain.timesteps.to(x.device)[index]
-        prediction, frac = self.split_output(model_fn(x, t_model))
-        x0, eps = self.predict_x0_eps(prediction, x, t_model)
-        if clip_denoised is not None:
-            x0 = x0.clamp(*clip_denoised)
-            eps = self.eps_from_x0(x0, x, t_model)
-        return x0, eps, frac
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model_fn: ModelFn,
-        shape: tuple[int, ...],
-        steps: int | None = 64,
-        sampler: str = "ddpm",
-        eta: float = 0.0,
-        noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        clip_denoised: tuple[float, float] | None = None,
-        progress: bool = False,
-        device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """Draw x0 by running the reverse chain over `steps` strided timesteps from x_T = `noise`.
-
-        ddpm: ancestral sampling with the chain's posterior variance (fixed) or the learned one.
-        ddim: DDIM with `eta` (0: deterministic; 1: as much noise as DDPM)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r}: choose one of {SAMPLERS}")
-        chain = self.chain(steps)
-        like = torch.empty(0, device=device or self.alpha_bar.device, dtype=dtype)
-        x = _randn(tuple(shape), generator, like) if noise is None else noise.to(like)
-        positions = range(len(chain.timesteps) - 1, -1, -1)
-        for i in tqdm(positions, desc=f"{sampler} sampling", disable=not progress, leave=False):
-            index = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x0, eps, frac = self._denoise(model_fn, x, chain, index, clip_denoised)
-            if sampler == "ddim":
-                x = self._ddim_step(x0, eps, chain, index, eta, generator, last=i == 0)
-            else:
-                x = self._ddpm_step(x, x0, frac, chain, index, generator, last=i == 0)
-        return x
-
-    def _ddpm_step(self, x, x0, frac, chain, index, generator, last):
-        mean = _expand(chain.coef_x0, index, x) * x0 + _expand(chain.coef_xt, index, x) * x
-        if last:
-            return mean
-        if frac is None:
-            log_var = _expand(chain.posterior_log_variance, index, x)
-        else:
-            log_var = self._learned_log_variance(chain, frac, index).to(x.dtype)
-        return mean + (0.5 * log_var).exp() * _randn(tuple(x.shape), generator, x)
-
-    def _ddim_step(self, x0, eps, chain, index, eta, generator, last):
-        a = _expand(chain.alpha_bar, index, x0)
-        a_prev = _expand(chain.alpha_bar_prev, index, x0)
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if last or eta == 0:
-            return x
-        return x + sigma * _randn(tuple(x.shape), generator, x)
-
-    @torch.no_grad()
-    def ddim_invert(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        steps: int | None = 50,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """x_T such that deterministic DDIM (eta = 0, same steps) decodes back to about x0: the
-        chain run forwards, each step using the noise the network predicts at the current point."""
-        chain = self.chain(steps)
-        x = x0
-        for i in tqdm(range(len(chain.timesteps)), desc="ddim inversion", disable=not progress):
-            index = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            _, eps, _ = self._denoise(model_fn, x, chain, index, None)
-            a_from = _expand(chain.alpha_bar_prev, index, x)
-            a_to = _expand(chain.alpha_bar, index, x)
-            x0_here = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-            x = a_to.sqrt() * x0_here + (1 - a_to).sqrt() * eps
-        return x
+        return Chain(self.alpha_bar, strided_timesteps(self.num_timesteps, steps))

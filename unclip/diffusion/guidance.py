@@ -1,6 +1,9 @@
 """Classifier-free guidance (Ho & Salimans): push the conditional prediction away from the
-unconditional one. With learned variances only the mean channels are guided; the variance comes
-from the conditional output, as in GLIDE."""
+unconditional one. The one implementation the decoder, the diffusion prior and the AR prior use.
+
+The conditional and unconditional rows run as one doubled batch (conditional half first). With
+learned variances only the mean channels are guided; the variance comes from the conditional
+output, as in GLIDE."""
 
 from __future__ import annotations
 
@@ -21,14 +24,27 @@ def guide(
     return torch.cat([mean, cond[:, channels:]], dim=1)
 
 
+def guide_halves(output: torch.Tensor, scale: float, channels: int | None = None) -> torch.Tensor:
+    """Guide the output of a doubled batch: [2B, ...] (conditional rows first) -> [B, ...]."""
+    cond, uncond = output.chunk(2)
+    return guide(cond, uncond, scale, channels)
+
+
+def is_guided(scale: float) -> bool:
+    """Scale 1 is the plain conditional model: no unconditional rows are needed."""
+    return float(scale) != 1.0
+
+
 def classifier_free_guidance(
-    cond_fn: ModelFn, uncond_fn: ModelFn, scale: float, channels: int | None = None
+    doubled_fn: ModelFn, scale: float, channels: int | None = None
 ) -> ModelFn:
-    """A model function for the samplers; scale 1 is the plain conditional model (one call)."""
-    if scale == 1.0:
-        return cond_fn
+    """A model function for the samplers from `doubled_fn`, which runs a doubled batch whose
+    conditioning holds the conditional rows, then the unconditional ones. Scale 1: `doubled_fn`
+    itself, whose conditioning is then not doubled (one call, half the rows)."""
+    if not is_guided(scale):
+        return doubled_fn
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return guide(cond_fn(x, t), uncond_fn(x, t), scale, channels)
+        return guide_halves(doubled_fn(torch.cat([x, x]), torch.cat([t, t])), scale, channels)
 
     return guided

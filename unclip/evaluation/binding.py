@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from unclip.clip import ClipBundle, encode_images
+from unclip.data.shapes import with_article
 from unclip.evaluation.colour import RGB, dominant_colour
 from unclip.evaluation.zero_shot import predict_attributes
 
@@ -25,10 +26,6 @@ class CaptionSpec:
     colour: str
     shape: str
     held_out: bool
-
-
-def with_article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def single_object_captions(

@@ -20,7 +20,8 @@ def cosine_to_truth(
     img_emb: torch.Tensor,
     batch_size: int = 128,
 ) -> dict[str, float]:
-    """`prior`: mean cos(sampled z_i, true z_i); `text_baseline`: mean cos(z_t, true z_i)."""
+    """`cosine`: mean cos(sampled z_i, true z_i); `text_baseline_cosine`: mean cos(z_t, true
+    z_i) (the names prior_metrics logs in validation)."""
     if not len(captions) == len(txt_emb) == len(img_emb):
         raise ValueError(
             f"{len(captions)} captions, {len(txt_emb)} txt_emb, {len(img_emb)} img_emb"
@@ -33,7 +34,7 @@ def cosine_to_truth(
         sims.append(F.cosine_similarity(predicted.float(), truth.float(), dim=-1).cpu())
     baseline = F.cosine_similarity(txt_emb.float(), img_emb.float(), dim=-1)
     return {
-        "prior": float(torch.cat(sims).mean()),
-        "text_baseline": float(baseline.mean()),
+        "cosine": float(torch.cat(sims).mean()),
+        "text_baseline_cosine": float(baseline.mean()),
         "samples": float(len(captions)),
     }

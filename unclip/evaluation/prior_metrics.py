@@ -12,6 +12,9 @@ import torch
 
 from unclip.nn.unit_norm import unit_norm
 
+# what prior_metrics returns: every prior logs them as val/<name>, the sweep summary shows them
+PRIOR_METRICS = ("cosine", "text_baseline_cosine", "retrieval_acc")
+
 
 @torch.no_grad()
 def prior_metrics(

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.data.shapes import fix_article
+
 
 def attribute_prompts(
     template: str, attributes: dict[str, list[str]]
@@ -24,15 +26,6 @@ def attribute_prompts(
         dict(zip(names, values, strict=True)) for values in itertools.product(*attributes.values())
     ]
     return [fix_article(template.format(**combo)) for combo in combos], combos
-
-
-def fix_article(prompt: str) -> str:
-    """ "a orange circle" -> "an orange circle": prompts should read like the captions."""
-    words = prompt.split(" ")
-    for i, word in enumerate(words[:-1]):
-        if word.lower() == "a" and words[i + 1][:1].lower() in "aeiou":
-            words[i] = word + "n"
-    return " ".join(words)
 
 
 @torch.no_grad()

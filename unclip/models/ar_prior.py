@@ -11,36 +11,59 @@ checkpoint: a resumed run or a loaded checkpoint never refits it.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from unclip.diffusion import guide_halves, is_guided
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.ar_prior_tokenizer import EmbeddingTokenizer
-from unclip.models.config_keys import check_keys
-from unclip.nn.ar_prior_net import ARPriorNet
+from unclip.models.captions import build_caption_encoder
+from unclip.models.selection import best_by_dot_product
+from unclip.nn.ar_prior_net import ARPriorNet, ARPriorNetConfig
+from unclip.nn.caption_encoder import CaptionEncoderConfig
+from unclip.training.config_check import build_config
 from unclip.training.module import UnclipModule
 
 log = logging.getLogger(__name__)
 
-NET_KEYS = ("width", "layers", "heads", "mlp_ratio", "dropout")
-DEFAULT_SAMPLING: dict[str, Any] = {
-    "guidance_scale": 1.0,
-    "temperature": 1.0,
-    "top_k": None,  # None or 0: no top-k filtering
-    "top_p": None,  # None or 1.0: no nucleus filtering
-    "dot_quantiles": (0.5, 1.0),  # the training quantiles the dot-product token is drawn from
-    "best_of": 1,  # samples per caption; the one closest to z_t is kept
-}
+
+@dataclass
+class ARPriorSampling:
+    """`model.sampling` of the AR prior: the defaults of `sample` and of validation."""
+
+    # 1: the plain conditional model (the configs guide at 2)
+    guidance_scale: float = 1.0
+    temperature: float = 1.0
+    # None or 0: no top-k filtering
+    top_k: int | None = None
+    # None or 1.0: no nucleus filtering
+    top_p: float | None = None
+    # the training quantiles the dot-product token is drawn from (paper: the top half)
+    dot_quantiles: tuple[float, float] = (0.5, 1.0)
+    # samples per caption; the one closest to z_t is kept
+    best_of: int = 1
+
+    def __post_init__(self) -> None:
+        if int(self.best_of) < 1:
+            raise ValueError(f"best_of must be at least 1, got {self.best_of}")
 
 
 class ARPriorModule(UnclipModule):
     """Every argument is a `model.*` config key (conf/model/prior_ar.yaml documents them)."""
 
     data_fields = ["txt", "img_emb", "txt_emb"]
+    config_groups: ClassVar[dict[str, type]] = {
+        **UnclipModule.config_groups,
+        "net": ARPriorNetConfig,
+        "text_encoder": CaptionEncoderConfig,
+        "sampling": ARPriorSampling,
+    }
 
     def __init__(
         self,
@@ -67,10 +90,7 @@ class ARPriorModule(UnclipModule):
         self.embed_dim = embed_dim
         self.fit_samples = fit_samples
         self.text_drop_prob = text_drop_prob
-        self.sampling = {
-            **DEFAULT_SAMPLING,
-            **check_keys(sampling, DEFAULT_SAMPLING, "model.sampling"),
-        }
+        self.sampling = build_config(ARPriorSampling, sampling, "model.sampling")
         self.val_sample_batches = val_sample_batches
         self.tokenizer = EmbeddingTokenizer(embed_dim, num_components, num_buckets, dot_buckets)
         self.net = ARPriorNet(
@@ -78,8 +98,8 @@ class ARPriorModule(UnclipModule):
             num_components,
             num_buckets,
             dot_buckets,
-            text_encoder=text_encoder,
-            **check_keys(net, NET_KEYS, "model.net"),
+            build_config(ARPriorNetConfig, net, "model.net"),
+            caption_encoder=build_caption_encoder(text_encoder, "model.text_encoder"),
         )
         self.tokenizer_report: dict[str, float] = {}
         self.init_ema()
@@ -157,8 +177,7 @@ class ARPriorModule(UnclipModule):
         self.log("val/round_trip_cosine", round_trip, batch_size=size, sync_dist=True)
         if self.val_sample_batches is not None and batch_idx >= self.val_sample_batches:
             return
-        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        sampled = self.sample(batch["txt"], txt_emb, generator=generator)
+        sampled = self.sample(batch["txt"], txt_emb, generator=self.generator(batch_idx))
         for key, value in prior_metrics(sampled, img_emb, txt_emb).items():
             self.log(f"val/{key}", value, batch_size=size, sync_dist=True)
 
@@ -169,33 +188,20 @@ class ARPriorModule(UnclipModule):
         captions: list[str],
         txt_emb: torch.Tensor,
         generator: torch.Generator | None = None,
-        guidance_scale: float | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        best_of: int | None = None,
-        dot_quantiles: tuple[float, float] | None = None,
+        **settings: Any,
     ) -> torch.Tensor:
         """Image embeddings [B, D] in CLIP space (unit norm when the training ones were) for
-        captions and their CLIP text embeddings [B, D]. An argument left None takes its value
-        from `model.sampling`; pass top_k=0 / top_p=1.0 to switch filtering off explicitly."""
-        settings = {
-            "guidance_scale": guidance_scale,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "best_of": best_of,
-            "dot_quantiles": dot_quantiles,
-        }
-        s = {k: self.sampling[k] if v is None else v for k, v in settings.items()}
+        captions and their CLIP text embeddings [B, D]. `settings` (ARPriorSampling's keys)
+        override `model.sampling` for this call; None leaves a setting at its configured value,
+        so pass top_k=0 / top_p=1.0 to switch filtering off explicitly."""
+        given = {k: v for k, v in settings.items() if v is not None}
+        s = build_config(ARPriorSampling, {**vars(self.sampling), **given}, "sampling argument")
         if txt_emb.ndim != 2 or txt_emb.shape != (len(captions), self.embed_dim):
             raise ValueError(
                 f"sample needs txt_emb [{len(captions)}, {self.embed_dim}] for {len(captions)} "
                 f"captions, got {list(txt_emb.shape)}"
             )
-        best_of = int(s["best_of"])
-        if best_of < 1:
-            raise ValueError(f"best_of must be at least 1, got {best_of}")
+        best_of = int(s.best_of)
         net = self.eval_net
         tokens = net.caption_encoder.tokenize(list(captions)).to(self.device)
         txt_emb = txt_emb.to(self.device).float()
@@ -203,22 +209,20 @@ class ARPriorModule(UnclipModule):
             tokens.repeat_interleave(best_of, 0),
             txt_emb.repeat_interleave(best_of, 0),
         )
-        first, last = self.tokenizer.dot_code_range(*s["dot_quantiles"])
+        first, last = self.tokenizer.dot_code_range(*s.dot_quantiles)
         dot_codes = torch.randint(
             first, last + 1, (len(tokens),), generator=generator, device=self.device
         )
+        scale = float(s.guidance_scale)
         codes = net.generate(
             tokens,
             txt_rows,
             dot_codes,
-            guidance_scale=float(s["guidance_scale"]),
-            temperature=float(s["temperature"]),
-            top_k=s["top_k"],
-            top_p=s["top_p"],
+            guidance=functools.partial(guide_halves, scale=scale) if is_guided(scale) else None,
+            temperature=float(s.temperature),
+            top_k=s.top_k,
+            top_p=s.top_p,
             generator=generator,
         )
         samples = self.tokenizer.decode(codes).view(len(captions), best_of, -1)
-        if best_of == 1:
-            return samples[:, 0]
-        best = (samples * txt_emb.unsqueeze(1)).sum(-1).argmax(dim=1)
-        return samples[torch.arange(len(captions), device=self.device), best]
+        return best_by_dot_product(samples, txt_emb)

@@ -145,8 +145,9 @@ class EmbeddingTokenizer(nn.Module):
     def _check_fitted(self) -> None:
         if not bool(self.fitted):
             raise RuntimeError(
-                "the AR prior's embedding tokenizer is not fitted: train the stage (it fits in "
-                "setup) or load a checkpoint that holds a fitted one"
+                "the AR prior's embedding tokenizer is not fitted: train the stage (it fits before "
+                "the first validation or training batch) or load a checkpoint that holds a fitted "
+                "one"
             )
 
     def project(self, z: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
+
+from unclip.training.config_check import ConfigError, build_config
 
 WHERE = "model.degradation"
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
@@ -125,18 +129,45 @@ def _kernel_size(kernel_size: int | None, sigma_max: float) -> int:
 
 
 # ---- the degradations -----------------------------------------------------------------------------
+@dataclass
+class GaussianBlurConfig:
+    """`model.degradation` with kind gaussian_blur. DALLE2-pytorch's defaults: sigma in [0.4, 0.6]
+    low-resolution pixels, half the images blurred."""
+
+    sigma_range: tuple[float, float] = (0.4, 0.6)
+    probability: float = 0.5
+    kernel_size: int | None = None
+
+
+@dataclass
+class BSRConfig:
+    """`model.degradation` with kind bsr (BSRGAN's values, in low-resolution pixels)."""
+
+    blur_passes: int = 2
+    blur_probability: float = 0.5
+    blur_sigma_range: tuple[float, float] = (0.2, 2.0)
+    anisotropic_probability: float = 0.5
+    kernel_size: int | None = None
+    resize_probability: float = 0.5
+    resize_scale_range: tuple[float, float] = (0.5, 1.0)
+    resize_modes: tuple[str, ...] = ("bilinear", "bicubic", "area")
+    noise_probability: float = 0.5
+    noise_level_range: tuple[float, float] = (2.0, 25.0)
+    gray_noise_probability: float = 0.4
+    jpeg_probability: float = 0.9
+    jpeg_quality_range: tuple[int, int] = (30, 95)
+    shuffle: bool = True
+
+
 class GaussianBlurDegradation:
-    """Isotropic Gaussian blur with a random sigma per image (the 64->256 upsampler's corruption).
+    """Isotropic Gaussian blur with a random sigma per image (the 64->256 upsampler's corruption)."""
 
-    DALLE2-pytorch's defaults: sigma in [0.4, 0.6] low-resolution pixels, half the images blurred.
-    """
+    config_class = GaussianBlurConfig
 
-    def __init__(
-        self,
-        sigma_range: Sequence[float] = (0.4, 0.6),
-        probability: float = 0.5,
-        kernel_size: int | None = None,
-    ) -> None:
+    def __init__(self, config: GaussianBlurConfig | None = None, /, **settings: Any) -> None:
+        config = config if config is not None else GaussianBlurConfig(**settings)
+        sigma_range, probability = config.sigma_range, config.probability
+        kernel_size = config.kernel_size
         self.sigma_range = _check_range("sigma_range", sigma_range, 1e-3, 100.0)
         self.probability = _check_probability("probability", probability)
         self.kernel_size = _kernel_size(kernel_size, self.sigma_range[1])
@@ -171,23 +202,22 @@ class BSRDegradation:
     for all channels) with `gray_noise_probability`; JPEG quality is drawn from `jpeg_quality_range`.
     """
 
-    def __init__(
-        self,
-        blur_passes: int = 2,
-        blur_probability: float = 0.5,
-        blur_sigma_range: Sequence[float] = (0.2, 2.0),
-        anisotropic_probability: float = 0.5,
-        kernel_size: int | None = None,
-        resize_probability: float = 0.5,
-        resize_scale_range: Sequence[float] = (0.5, 1.0),
-        resize_modes: Sequence[str] = ("bilinear", "bicubic", "area"),
-        noise_probability: float = 0.5,
-        noise_level_range: Sequence[float] = (2.0, 25.0),
-        gray_noise_probability: float = 0.4,
-        jpeg_probability: float = 0.9,
-        jpeg_quality_range: Sequence[int] = (30, 95),
-        shuffle: bool = True,
-    ) -> None:
+    config_class = BSRConfig
+
+    def __init__(self, config: BSRConfig | None = None, /, **settings: Any) -> None:
+        config = config if config is not None else BSRConfig(**settings)
+        blur_passes, blur_probability = config.blur_passes, config.blur_probability
+        blur_sigma_range, kernel_size = config.blur_sigma_range, config.kernel_size
+        anisotropic_probability = config.anisotropic_probability
+        resize_probability, resize_scale_range = (
+            config.resize_probability,
+            config.resize_scale_range,
+        )
+        resize_modes, noise_probability = config.resize_modes, config.noise_probability
+        noise_level_range = config.noise_level_range
+        gray_noise_probability = config.gray_noise_probability
+        jpeg_probability, jpeg_quality_range = config.jpeg_probability, config.jpeg_quality_range
+        shuffle = config.shuffle
         if blur_passes < 0:
             raise ValueError(f"{WHERE}.blur_passes must not be negative, got {blur_passes}")
         unknown = [m for m in resize_modes if m not in RESIZE_MODES]
@@ -288,11 +318,9 @@ def build_degradation(
     kind = config.pop("kind", None)
     if kind in (None, "none"):
         if config:
-            raise ValueError(f"{WHERE}: arguments {sorted(config)} given without a kind")
+            raise ConfigError(f"{WHERE}: arguments {sorted(config)} given without a kind")
         return None
     if kind not in DEGRADATIONS:
-        raise ValueError(f"{WHERE}.kind={kind!r}: choose one of {sorted(DEGRADATIONS)} or none")
-    try:
-        return DEGRADATIONS[kind](**config)
-    except TypeError as error:
-        raise ValueError(f"{WHERE} (kind {kind}): {error}") from error
+        raise ConfigError(f"{WHERE}.kind={kind!r}: choose one of {sorted(DEGRADATIONS)} or none")
+    degradation = DEGRADATIONS[kind]
+    return degradation(build_config(degradation.config_class, config, WHERE))

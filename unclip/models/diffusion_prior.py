@@ -8,72 +8,70 @@ with z_t. Validation and sampling use the EMA weights; outputs are in CLIP space
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from unclip.diffusion import SAMPLERS, GaussianDiffusion, guide
+from unclip.diffusion import DiffusionConfig, classifier_free_guidance, is_guided
 from unclip.evaluation.prior_metrics import prior_metrics
-from unclip.models.config_keys import merged
-from unclip.models.embedding_norm import EmbeddingNorm
-from unclip.nn.diffusion_prior_net import DiffusionPriorNet, Prefix
+from unclip.models.captions import build_caption_encoder
+from unclip.models.diffusion_stage import DiffusionStage
+from unclip.models.embedding_norm import EmbeddingNorm, EmbeddingNormConfig
+from unclip.models.selection import best_by_dot_product
+from unclip.nn.caption_encoder import CaptionEncoderConfig
+from unclip.nn.diffusion_prior_net import DiffusionPriorNet, DiffusionPriorNetConfig
+from unclip.nn.transformer import Prefix
 from unclip.nn.unit_norm import unit_norm
-from unclip.training.module import UnclipModule
+from unclip.training.config_check import ConfigError, build_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NET: dict[str, Any] = {
-    "width": 256,
-    "layers": 4,
-    "heads": 4,
-    "mlp_ratio": 4,
-    "dropout": 0.0,
-}
-DEFAULT_TEXT_ENCODER: dict[str, Any] = {
-    "mode": "own",
-    "width": 256,
-    "context_length": 77,
-    "layers": 2,
-    "heads": 4,
-    "clip": None,
-    "dropout": 0.0,
-}
-DEFAULT_DIFFUSION: dict[str, Any] = {
-    "schedule": "cosine",
-    "num_timesteps": 1000,
-    "loss_weighting": "uniform",
-    "min_snr_gamma": 5.0,
-}
-DEFAULT_NORMALIZATION: dict[str, Any] = {"kind": "standardize", "max_samples": 10000, "eps": 1e-6}
-DEFAULT_SAMPLING: dict[str, Any] = {
-    "steps": 64,
-    "guidance_scale": 2.0,
-    "best_of": 2,
-    "sampler": "ddpm",
-    "eta": 0.0,
-}
+__all__ = ["DiffusionPriorModule", "DiffusionPriorSampling", "best_by_dot_product"]
 
 
-class DiffusionPriorModule(UnclipModule):
+@dataclass
+class DiffusionPriorSampling:
+    """`model.sampling` of the diffusion prior, beside its sampler's settings (steps, eta, ...):
+    the defaults of `sample` and of the validation samples."""
+
+    sampler: str = "ddpm"
+    guidance_scale: float = 2.0
+    # draw this many per caption, keep the one with the highest dot product with z_t (paper: 2)
+    best_of: int = 2
+
+    def __post_init__(self) -> None:
+        if int(self.best_of) < 1:
+            raise ValueError(f"best_of must be at least 1, got {self.best_of}")
+
+
+class DiffusionPriorModule(DiffusionStage):
     """Every argument is a `model.*` config key:
 
     embed_dim: CLIP embedding size (checked against the shards' meta.json at start-up).
-    net: DiffusionPriorNet width / layers / heads / mlp_ratio / dropout.
-    text_encoder: CaptionEncoder arguments: mode "own" (trained with the prior) or "clip" (frozen
-        token states of the CLIP named by `clip`, a load_clip spec).
-    diffusion: schedule and num_timesteps (the prediction is always x0, as in the paper).
-    normalization: kind "standardize" (per-dimension statistics of the first `max_samples`
-        training embeddings, fitted once and saved in the checkpoint) or "l2" (z/|z| * sqrt(d)).
+    net: DiffusionPriorNetConfig. text_encoder: CaptionEncoderConfig, mode "own" (trained with
+        the prior) or "clip" (frozen token states of the CLIP named by `clip`, a load_clip spec).
+    diffusion: schedule, num_timesteps, loss weighting (the prediction is always x0, as in the
+        paper). normalization: EmbeddingNormConfig, kind "standardize" (per-dimension statistics
+        of the first `max_samples` training embeddings, fitted once and saved in the checkpoint)
+        or "l2" (z/|z| * sqrt(d)).
     text_drop_prob: how often the caption and z_t are replaced by learned nulls in training.
-    sampling: defaults of `sample` (steps, guidance_scale, best_of, sampler ddpm|ddim, eta), also
-        used for the validation samples.
+    sampling: DiffusionPriorSampling plus the sampler's settings.
     unit_norm_output: L2-normalise sampled embeddings, like the embed tool's shards.
     val_seed: seed of the validation noise, so validation metrics are comparable across steps.
     """
 
     data_fields = ["txt", "img_emb", "txt_emb"]
+    sampling_config = DiffusionPriorSampling
+    config_groups: ClassVar[dict[str, type]] = {
+        **DiffusionStage.config_groups,
+        "net": DiffusionPriorNetConfig,
+        "text_encoder": CaptionEncoderConfig,
+        "normalization": EmbeddingNormConfig,
+    }
 
     def __init__(
         self,
@@ -90,7 +88,7 @@ class DiffusionPriorModule(UnclipModule):
         optim: dict | None = None,
         ema: dict | None = None,
     ) -> None:
-        super().__init__(optim, ema)
+        super().__init__(optim, ema, diffusion, sampling, val_seed)
         self.save_hyperparameters()
         if embed_dim < 1:
             raise ValueError(f"model.embed_dim must be positive, got {embed_dim}")
@@ -100,29 +98,27 @@ class DiffusionPriorModule(UnclipModule):
         self.embed_dim = int(embed_dim)
         self.text_drop_prob = float(text_drop_prob)
         self.unit_norm_output = bool(unit_norm_output)
-        self.val_seed = int(val_seed)
-        self.sampling = self._check_sampling(merged(DEFAULT_SAMPLING, sampling, "model.sampling"))
-        norm_cfg = merged(DEFAULT_NORMALIZATION, normalization, "model.normalization")
-        self.stats_samples = int(norm_cfg["max_samples"])
-        self.embedding_norm = EmbeddingNorm(norm_cfg["kind"], self.embed_dim, norm_cfg["eps"])
-        diffusion_cfg = merged(DEFAULT_DIFFUSION, diffusion, "model.diffusion")
-        self.diffusion = GaussianDiffusion(**diffusion_cfg, prediction="x0")
+        norm_cfg = build_config(EmbeddingNormConfig, normalization, "model.normalization")
+        self.stats_samples = int(norm_cfg.max_samples)
+        self.embedding_norm = EmbeddingNorm(norm_cfg.kind, self.embed_dim, norm_cfg.eps)
         self.net = DiffusionPriorNet(
             self.embed_dim,
-            **merged(DEFAULT_NET, net, "model.net"),
-            text_encoder=merged(DEFAULT_TEXT_ENCODER, text_encoder, "model.text_encoder"),
+            build_config(DiffusionPriorNetConfig, net, "model.net"),
+            caption_encoder=build_caption_encoder(text_encoder, "model.text_encoder"),
         )
         self.init_ema()
 
-    @staticmethod
-    def _check_sampling(cfg: dict[str, Any], where: str = "model.sampling") -> dict[str, Any]:
-        if cfg["sampler"] not in SAMPLERS:
-            raise ValueError(f"{where}.sampler={cfg['sampler']!r}: choose one of {SAMPLERS}")
-        if int(cfg["best_of"]) < 1:
-            raise ValueError(f"{where}.best_of must be at least 1, got {cfg['best_of']}")
-        if int(cfg["steps"]) < 1:
-            raise ValueError(f"{where}.steps must be at least 1, got {cfg['steps']}")
-        return cfg
+    @classmethod
+    def diffusion_config(cls, given: dict | None) -> DiffusionConfig:
+        """The paper's prior predicts x0 with a fixed variance: those two are not settings."""
+        fixed = sorted({"prediction", "learned_variance"} & set(given or {}))
+        if fixed:
+            raise ConfigError(
+                f"model.diffusion.{fixed[0]}: the diffusion prior predicts x0 with a fixed "
+                "variance (paper); remove it"
+            )
+        config = build_config(DiffusionConfig, given, "model.diffusion")
+        return dataclasses.replace(config, prediction="x0", learned_variance=False)
 
     # ---- embedding statistics ------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -166,17 +162,13 @@ class DiffusionPriorModule(UnclipModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = torch.Generator().manual_seed(self.val_seed + batch_idx)
-        x0 = self.embedding_norm.normalize(batch["img_emb"].float())
+        generator = self.val_generator(batch_idx)
+        x0 = self.embedding_norm.normalize(batch["img_emb"].float().to(self.device))
         size = len(x0)
-        t = torch.randint(0, self.diffusion.num_timesteps, (size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
         tokens = self.tokenize(batch["txt"])
         txt = self.text_condition(batch["txt_emb"])
         net = self.eval_net
-        losses = self.diffusion.training_losses(
-            lambda x_t, t_: net(x_t, t_, tokens, txt), x0, t.to(self.device), noise.to(self.device)
-        )
+        losses = self.seeded_losses(lambda x_t, t_: net(x_t, t_, tokens, txt), x0, generator)
         self.log("val/loss", losses["loss"].mean(), batch_size=size, sync_dist=True, prog_bar=True)
         sampled = self.sample(batch["txt"], batch["txt_emb"], generator=generator)
         metrics = prior_metrics(sampled, batch["img_emb"], batch["txt_emb"])
@@ -190,65 +182,28 @@ class DiffusionPriorModule(UnclipModule):
         captions: list[str],
         txt_emb: torch.Tensor,
         generator: torch.Generator | None = None,
-        guidance_scale: float | None = None,
-        steps: int | None = None,
-        best_of: int | None = None,
-        eta: float = 0.0,
-        sampler: str | None = None,
+        **settings: Any,
     ) -> torch.Tensor:
         """Image embeddings [B, D] in CLIP space for captions and their CLIP text embeddings.
 
-        Draws `best_of` samples per caption and keeps the one with the highest dot product with
-        z_t (paper: 2). None takes the `model.sampling` value; `eta` is used by the ddim sampler.
+        `settings` (guidance_scale, best_of, sampler, steps, eta, ...) override `model.sampling`
+        for this call; None leaves a setting at its configured value. Draws `best_of` samples per
+        caption and keeps the one with the highest dot product with z_t.
         """
-        cfg = self._check_sampling(
-            {
-                "steps": steps or self.sampling["steps"],
-                "guidance_scale": self.sampling["guidance_scale"]
-                if guidance_scale is None
-                else guidance_scale,
-                "best_of": best_of or self.sampling["best_of"],
-                "sampler": sampler or self.sampling["sampler"],
-                "eta": eta,
-            },
-            where="sample()",
-        )
+        s = self.sampling_settings(**settings)
         if len(captions) != len(txt_emb):
             raise ValueError(f"{len(captions)} captions but {len(txt_emb)} text embeddings")
         net = self.eval_net
-        n, scale = int(cfg["best_of"]), float(cfg["guidance_scale"])
+        n, scale = int(s["best_of"]), float(s["guidance_scale"])
         txt_emb = txt_emb.to(self.device).float()
         prefix = net.condition(self.tokenize(list(captions)), self.text_condition(txt_emb))
         prefix = prefix.repeat_interleave(n)
         rows = len(prefix)
-        guided = scale != 1.0
-        if guided:
+        if is_guided(scale):
             prefix = Prefix.cat([prefix, net.null_condition(rows, self.device)])
-        cache = net.cache(prefix)
-
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return cache.denoise(x_t, t)
-            cond, uncond = cache.denoise(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
-            return guide(cond, uncond, scale)
-
-        x0 = self.diffusion.sample(
-            model_fn,
-            (rows, self.embed_dim),
-            steps=int(cfg["steps"]),
-            sampler=cfg["sampler"],
-            eta=float(cfg["eta"]),
-            generator=generator,
-            device=self.device,
-        )
+        model_fn = classifier_free_guidance(net.cache(prefix).denoise, scale)
+        x0 = self.run_sampler(model_fn, (rows, self.embed_dim), s, generator=generator)
         z = self.embedding_norm.denormalize(x0)
         if self.unit_norm_output:
             z = unit_norm(z)
         return best_by_dot_product(z.view(len(captions), n, -1), txt_emb)
-
-
-def best_by_dot_product(candidates: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-    """[B, N, D] candidates -> [B, D]: per caption, the one with the highest dot product with z_t."""
-    scores = (candidates * unit_norm(txt_emb)[:, None]).sum(-1)
-    best = scores.argmax(dim=1)
-    return candidates[torch.arange(len(candidates), device=candidates.device), best]

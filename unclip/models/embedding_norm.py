@@ -11,6 +11,7 @@ The paper does not fix this; the open implementations differ, so it is a config 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +19,16 @@ from torch import nn
 from unclip.nn.unit_norm import unit_norm
 
 KINDS = ("standardize", "l2")
+
+
+@dataclass
+class EmbeddingNormConfig:
+    """`model.normalization` of the diffusion prior: `max_samples` training embeddings fit the
+    standardisation statistics."""
+
+    kind: str = "standardize"
+    max_samples: int = 10000
+    eps: float = 1e-6
 
 
 class EmbeddingNorm(nn.Module):

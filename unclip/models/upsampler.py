@@ -9,23 +9,27 @@ network is purely convolutional, sampling then runs at the full target size.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from unclip.diffusion import SAMPLERS, GaussianDiffusion
-from unclip.models.config_keys import check_keys
 from unclip.models.degradations import build_degradation
-from unclip.nn.unet import UNet
-from unclip.training.module import UnclipModule
+from unclip.models.diffusion_stage import DiffusionStage
+from unclip.nn.unet import UNet, UNetConfig
+from unclip.training.config_check import ConfigError, build_config
 
-# UNet arguments the module sets itself: inputs are noisy image + conditioning image, no attention
-# (the fully convolutional network must run at any size), no embedding or caption conditioning.
-UNET_OWNED_KEYS = ("in_channels", "out_channels", "image_size", "cond_dim", "context_dim")
 RESIZE_MODES = ("bicubic", "bilinear")
-DEFAULT_SAMPLING: dict[str, Any] = {"steps": 27, "sampler": "ddim", "eta": 0.0}
+
+
+@dataclass
+class UpsamplerSampling:
+    """`model.sampling` of an upsampler: which sampler, beside that sampler's settings."""
+
+    sampler: str = "ddim"
 
 
 def resize(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -69,14 +73,16 @@ def conditioned(net: torch.nn.Module, cond: torch.Tensor) -> Callable:
     return model_fn
 
 
-class UpsamplerModule(UnclipModule):
+class UpsamplerModule(DiffusionStage):
     """`low_res_size` -> `image_size`. Every argument is a `model.*` config key:
 
-    unet: UNet arguments (model_channels, channel_mult, num_res_blocks, dropout, ...), no attention.
-    diffusion: GaussianDiffusion arguments. degradation: `{kind: gaussian_blur | bsr, ...}` or null.
+    unet: UNetConfig (model_channels, channel_mult, num_res_blocks, dropout, ...), no attention:
+    the network's inputs (noisy image + conditioning image) and size follow from the rest.
+    diffusion: DiffusionConfig. degradation: `{kind: gaussian_blur | bsr, ...}` or null.
     crop_fraction: the side of the training crops as a fraction of `image_size` (paper: 0.25).
     resize_mode: the kernel that makes the low-resolution image (anti-aliased) and resizes it back
-    up as conditioning. sampling: default steps / sampler / eta of `upsample`. residual: diffuse
+    up as conditioning. sampling: the sampler and its settings, the defaults of `upsample`.
+    residual: diffuse
     the difference from the resized low-resolution image instead of the image (not the paper's;
     a fresh network then upsamples like plain resizing, which a tiny model improves on quickly).
     val_samples: images upsampled on the first validation batch and scored against the truth and
@@ -86,6 +92,13 @@ class UpsamplerModule(UnclipModule):
 
     data_fields = ["image"]
     embed_dim = None
+    sampling_config = UpsamplerSampling
+    config_groups: ClassVar[dict[str, type]] = {**DiffusionStage.config_groups, "unet": UNetConfig}
+
+    @classmethod
+    def validate_config(cls, cfg: dict[str, Any], where: str = "model") -> None:
+        super().validate_config(cfg, where)
+        build_degradation(cfg.get("degradation"))
 
     def __init__(
         self,
@@ -104,7 +117,7 @@ class UpsamplerModule(UnclipModule):
         optim: dict | None = None,
         ema: dict | None = None,
     ) -> None:
-        super().__init__(optim, ema)
+        super().__init__(optim, ema, diffusion, sampling, val_seed)
         self.save_hyperparameters()
         if not 0 < low_res_size < image_size:
             raise ValueError(
@@ -122,25 +135,19 @@ class UpsamplerModule(UnclipModule):
         self.resize_mode = resize_mode
         self.residual = bool(residual)
         self.val_samples = int(val_samples)
-        self.val_seed = int(val_seed)
-        self.sampling = self._check_sampling({**DEFAULT_SAMPLING, **(sampling or {})})
-
-        self.diffusion = GaussianDiffusion(**(diffusion or {}))
-        self.net = UNet(**self._unet_args(unet or {}))
+        self.net = self._build_unet(unet)
         self.degradation = build_degradation(degradation)
         self.init_ema()
 
     # ---- construction ---------------------------------------------------------------------------
-    def _unet_args(self, unet: dict) -> dict:
-        owned = sorted(set(unet) & set(UNET_OWNED_KEYS))
-        if owned:
-            raise ValueError(f"model.unet.{owned[0]} is set by the upsampler itself; remove it")
-        if unet.get("attention_resolutions"):
-            raise ValueError(
+    def _build_unet(self, unet: dict | None) -> UNet:
+        config = build_config(UNetConfig, unet, "model.unet")
+        if (unet or {}).get("attention_resolutions"):
+            raise ConfigError(
                 "model.unet.attention_resolutions must be empty: the upsampler is fully "
                 "convolutional so that it trains on crops and samples at full size"
             )
-        levels = len(unet.get("channel_mult", (1, 2, 4)))  # UNet's default
+        levels = len(config.channel_mult)
         factor = 2 ** (levels - 1)
         for key, size in (("crop_fraction", self.crop_size), ("image_size", self.image_size)):
             if size % factor:
@@ -148,23 +155,12 @@ class UpsamplerModule(UnclipModule):
                     f"model.{key} gives {size}px inputs, not divisible by 2**{levels - 1} "
                     f"(model.unet.channel_mult has {levels} levels)"
                 )
-        out_channels = 6 if self.diffusion.learned_variance else 3
-        return {
-            **unet,
-            "attention_resolutions": [],
-            "in_channels": 6,  # noisy image + resized low-resolution image
-            "out_channels": out_channels,
-            "image_size": self.crop_size,
-        }
-
-    @staticmethod
-    def _check_sampling(sampling: dict) -> dict:
-        check_keys(sampling, DEFAULT_SAMPLING, "model.sampling")
-        if sampling["sampler"] not in SAMPLERS:
-            raise ValueError(
-                f"model.sampling.sampler={sampling['sampler']!r}: choose one of {SAMPLERS}"
-            )
-        return sampling
+        return UNet(
+            dataclasses.replace(config, attention_resolutions=()),
+            in_channels=6,  # noisy image + resized low-resolution image
+            out_channels=6 if self.diffusion.learned_variance else 3,
+            image_size=self.crop_size,
+        )
 
     # ---- the conditioning image -----------------------------------------------------------------
     def downsample(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,12 +190,7 @@ class UpsamplerModule(UnclipModule):
         return target - cond if self.residual else target
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
-        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"batch images are {tuple(images.shape[-2:])} but model.image_size="
-                f"{self.image_size}: set data.image_size={self.image_size}"
-            )
-        return images
+        return self.check_image_size(images, self.image_size)
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -220,25 +211,20 @@ class UpsamplerModule(UnclipModule):
         upsampling scored against the truth and against plain resizing."""
         images = self._check_images(batch["image"])
         size = images.shape[0]
-        generator = torch.Generator().manual_seed(self.val_seed + batch_idx)
+        generator = self.val_generator(batch_idx)
         target, cond = self.training_pair(images, generator)
-        t = self.diffusion.sample_timesteps(size, self.device, generator)
-        noise = torch.randn(target.shape, generator=generator).to(target)
         x0 = self.diffused(target, cond)
-        out = self.diffusion.training_losses(conditioned(self.eval_net, cond), x0, t, noise)
+        out = self.seeded_losses(conditioned(self.eval_net, cond), x0, generator)
         self.log("val/loss", out["loss"].mean(), batch_size=size, sync_dist=True, prog_bar=True)
         if batch_idx == 0 and self.val_samples > 0:
             truth = images[: self.val_samples]
             low_res = self.downsample(truth)
-            samples = self.upsample(low_res, generator=self._sampling_generator())
+            samples = self.upsample(low_res, generator=self.generator(self.val_seed))
             count = truth.shape[0]
             sample_mse = F.mse_loss(samples, truth)
             resize_mse = F.mse_loss(self.lift(low_res), truth)
             self.log("val/sample_mse", sample_mse, batch_size=count, sync_dist=True)
             self.log("val/resize_mse", resize_mse, batch_size=count, sync_dist=True)
-
-    def _sampling_generator(self) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.val_seed)
 
     # ---- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,13 +232,11 @@ class UpsamplerModule(UnclipModule):
         self,
         images: torch.Tensor,
         generator: torch.Generator | None = None,
-        steps: int | None = None,
-        sampler: str | None = None,
-        eta: float | None = None,
         progress: bool = False,
+        **settings: Any,
     ) -> torch.Tensor:
         """[B, 3, low_res_size, low_res_size] in [-1, 1] -> [B, 3, image_size, image_size], the
-        whole image at once; steps / sampler / eta default to `model.sampling`."""
+        whole image at once; `settings` (sampler, steps, eta, ...) override `model.sampling`."""
         low = self.low_res_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, low, low):
             raise ValueError(
@@ -260,16 +244,13 @@ class UpsamplerModule(UnclipModule):
                 f"got {list(images.shape)}"
             )
         cond = self.lift(images.to(self.device, torch.float32))
-        sample = self.diffusion.sample(
+        sample = self.run_sampler(
             conditioned(self.eval_net, cond),
             tuple(cond.shape),
-            steps=self.sampling["steps"] if steps is None else steps,
-            sampler=self.sampling["sampler"] if sampler is None else sampler,
-            eta=self.sampling["eta"] if eta is None else eta,
+            self.sampling_settings(**settings),
             generator=generator,
             clip_denoised=(-2.0, 2.0) if self.residual else (-1.0, 1.0),
             progress=progress,
-            device=self.device,
         )
         return (cond + sample if self.residual else sample).clamp(-1, 1)
 
@@ -281,7 +262,7 @@ class UpsamplerModule(UnclipModule):
         originals beside them, and captions comparing each one's error with plain resizing."""
         truth = self._check_images(batch["image"][:n]).to(self.device)
         low_res = self.downsample(truth)
-        samples = self.upsample(low_res, generator=self._sampling_generator())
+        samples = self.upsample(low_res, generator=self.generator(self.val_seed))
         sample_mse = (samples - truth).pow(2).mean(dim=(1, 2, 3))
         resize_mse = (self.lift(low_res) - truth).pow(2).mean(dim=(1, 2, 3))
         captions = [

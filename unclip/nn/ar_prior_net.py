@@ -8,74 +8,25 @@ product form the prefix the paper conditions on; dropping the text (classifier-f
 replaces all three with learned null tokens, since a dot product with no caption means nothing.
 
 Sampling (`generate`) keeps a key/value cache, so each new code costs one token's forward pass, and
-runs the conditional and unconditional rows as one doubled batch when guided.
+runs the conditional and unconditional rows as one doubled batch when guided (the stage passes
+the function that combines their logits: unclip.diffusion.guidance).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.transformer import Transformer, TransformerBlock
+from unclip.nn.transformer import KVCache, Prefix, Transformer, TransformerConfig
 
 
-@dataclass
-class Prefix:
-    """The conditioning tokens of a batch: states [B, L, W] and key mask [B, L] (True = real)."""
-
-    states: torch.Tensor
-    mask: torch.Tensor
-
-
-class KVCache:
-    """Keys and values of every layer for a whole sequence, filled as tokens arrive. Allocated at
-    the first write, in the dtype attention runs in (bf16 under autocast)."""
-
-    def __init__(self, layers: int, length: int) -> None:
-        self.layers, self.max_length = layers, length
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.length = 0  # tokens already cached
-
-    def write(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values [B, H, T, hd] of the new tokens; returns all of this layer's so far."""
-        if self.keys is None:
-            batch, heads, _, head_dim = keys.shape
-            shape = (self.layers, batch, heads, self.max_length, head_dim)
-            self.keys, self.values = keys.new_zeros(shape), values.new_zeros(shape)
-        end = self.length + keys.shape[2]
-        self.keys[layer, :, :, self.length : end] = keys
-        self.values[layer, :, :, self.length : end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-
-def cached_block(
-    block: TransformerBlock,
-    x: torch.Tensor,
-    cache: KVCache,
-    layer: int,
-    key_mask: torch.Tensor,
-) -> torch.Tensor:
-    """`block(x)` for new tokens x [B, T, W] at positions cache.length ... + T, attending to the
-    cached ones too. The same arithmetic as TransformerBlock.forward (whose attention has no cache),
-    using the block's own weights; tests check both give the same logits."""
-    attn = block.attn
-    batch, new, width = x.shape
-    q, k, v = attn.qkv(block.ln_attn(x)).view(batch, new, 3, attn.heads, -1).permute(2, 0, 3, 1, 4)
-    keys, values = cache.write(layer, k, v)
-    start, end = cache.length, cache.length + new
-    query_pos = torch.arange(start, end, device=x.device).unsqueeze(1)
-    key_pos = torch.arange(end, device=x.device).unsqueeze(0)
-    mask = (key_pos <= query_pos).unsqueeze(0) & key_mask[:, None, :end]  # [B, T, end]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-    x = x + attn.proj(out.transpose(1, 2).reshape(batch, new, width))
-    return x + block.mlp(block.ln_mlp(x))
+class ARPriorNetConfig(TransformerConfig):
+    """`model.net` of the AR prior: its transformer's sizes."""
 
 
 def filter_logits(
@@ -112,8 +63,8 @@ def sample_logits(
 class ARPriorNet(nn.Module):
     """Predicts the codes of z_i from the caption, z_t and the dot-product code.
 
-    `text_encoder` holds CaptionEncoder's arguments. The code vocabulary is shared by all
-    positions (a code is a quantile rank of its component; the position says which component).
+    The caption encoder is built by the stage. The code vocabulary is shared by all positions (a
+    code is a quantile rank of its component; the position says which component).
     """
 
     def __init__(
@@ -122,20 +73,23 @@ class ARPriorNet(nn.Module):
         num_components: int,
         num_buckets: int,
         dot_buckets: int,
-        width: int = 256,
-        layers: int = 4,
-        heads: int = 4,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        text_encoder: dict | None = None,
+        config: ARPriorNetConfig | None = None,
+        /,
+        *,
+        caption_encoder: CaptionEncoder | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        config = config if config is not None else ARPriorNetConfig(**settings)
+        self.config = config
+        width, layers, heads = config.width, config.layers, config.heads
+        mlp_ratio, dropout = config.mlp_ratio, config.dropout
         self.embed_dim = embed_dim
         self.num_components = num_components
         self.num_buckets = num_buckets
         self.dot_buckets = dot_buckets
         self.layers = layers
-        self.caption_encoder = CaptionEncoder(**(text_encoder or {}))
+        self.caption_encoder = caption_encoder if caption_encoder is not None else CaptionEncoder()
         self.caption_length = self.caption_encoder.context_length
         self.prefix_length = self.caption_length + 2  # captions, z_t, dot-product code
         self.caption_proj = nn.Linear(self.caption_encoder.out_dim, width)
@@ -200,16 +154,13 @@ class ARPriorNet(nn.Module):
         self, x: torch.Tensor, cache: KVCache, key_mask: torch.Tensor
     ) -> torch.Tensor:
         """Last-position logits [B, K] after feeding tokens x [B, T, W] through the cache."""
-        x = x + self.positional_embedding[cache.length : cache.length + x.shape[1]]
-        for layer, block in enumerate(self.transformer.blocks):
-            x = cached_block(block, x, cache, layer, key_mask)
-        cache.length += x.shape[1]
+        start, end = cache.length, cache.length + x.shape[1]
+        x = x + self.positional_embedding[start:end]
+        query_pos = torch.arange(start, end, device=x.device).unsqueeze(1)
+        key_pos = torch.arange(end, device=x.device).unsqueeze(0)
+        mask = (key_pos <= query_pos).unsqueeze(0) & key_mask[:, None, :end]  # [B, T, end]
+        x = self.transformer(x, mask[:, None], cache)
         return self.head(self.ln_final(x[:, -1]))
-
-    def can_cache(self) -> bool:
-        """The cache calls each block's layers directly, which needs plain blocks: a block wrapped
-        by FSDP (whose parameters are sharded outside its own forward) is run whole instead."""
-        return all(type(block) is TransformerBlock for block in self.transformer.blocks)
 
     @torch.no_grad()
     def generate(
@@ -217,40 +168,36 @@ class ARPriorNet(nn.Module):
         tokens: torch.Tensor,
         txt_emb: torch.Tensor,
         dot_codes: torch.Tensor,
-        guidance_scale: float = 1.0,
+        guidance: Callable[[torch.Tensor], torch.Tensor] | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        use_cache: bool | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample codes [B, P]. With guidance_scale != 1 the logits are
-        uncond + scale * (cond - uncond), the unconditional rows having the text dropped;
-        scale 0 is the unconditional model, scale 1 the conditional one. `use_cache` None: the
-        key/value cache whenever `can_cache()`; False re-runs the whole sequence for every code."""
+        """Sample codes [B, P]. With `guidance` the rows run twice, the second time with the text
+        dropped, and `guidance(logits [2B, K]) -> [B, K]` combines them (classifier-free
+        guidance). `use_cache` False re-runs the whole sequence for every code."""
         batch = tokens.shape[0]
-        guided = guidance_scale != 1.0
+        guided = guidance is not None
         drop = None
         if guided:
             tokens, txt_emb, dot_codes = (torch.cat([t, t]) for t in (tokens, txt_emb, dot_codes))
             drop = torch.arange(2 * batch, device=tokens.device) >= batch
-        if use_cache is None:
-            use_cache = self.can_cache()
         codes = torch.zeros(
             len(tokens), self.num_components, dtype=torch.long, device=tokens.device
         )
         if use_cache:
             prefix = self.prefix(tokens, txt_emb, dot_codes, drop)
             total = self.prefix_length + self.num_components - 1
-            cache = KVCache(self.layers, total)
+            cache = KVCache()
             key_mask = F.pad(prefix.mask, (0, total - prefix.mask.shape[1]), value=True)
             logits = self._cached_forward(prefix.states, cache, key_mask)
         for position in range(self.num_components):
             if not use_cache:  # the causal mask keeps the codes not drawn yet out of the logits
                 logits = self(tokens, txt_emb, dot_codes, codes, drop)[:, position]
             if guided:
-                cond, uncond = logits.float().chunk(2)
-                logits = uncond + guidance_scale * (cond - uncond)
+                logits = guidance(logits.float())
             code = sample_logits(logits, temperature, top_k, top_p, generator)
             codes[:, position] = code.repeat(2) if guided else code
             if use_cache and position + 1 < self.num_components:

@@ -3,13 +3,15 @@
 Two sources, a config choice of every stage that reads captions:
   - "own":  a small causal `TextTransformer` over open_clip BPE tokens, trained with the stage
             (what the paper's priors and GLIDE-style decoder do);
-  - "clip": the frozen token states of a CLIP text tower (what Karlo's decoder does). The CLIP is
-            loaded from its spec at construction, never trained, and kept out of the stage's
-            state_dict (the checkpoint stores the spec, not the weights).
+  - "clip": the frozen token states of a CLIP text tower (what Karlo's decoder does). The stage
+            loads the CLIP from the spec in `clip` and hands it in; it is never trained and kept
+            out of the stage's state_dict (the checkpoint stores the spec, not the weights).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import open_clip
@@ -21,6 +23,38 @@ from unclip.nn.transformer import TextTransformer
 
 MODES = ("own", "clip")
 PAD_ID = 0  # open_clip pads with 0 after the EOT token
+EOT_TOKEN_ID = 49407
+
+
+@dataclass
+class CaptionEncoderConfig:
+    """`model.text_encoder` (priors) / `model.net.text` (decoder). In "clip" mode width,
+    context_length, layers and heads come from the CLIP's text tower and `clip` is a spec for
+    `unclip.clip.load_clip`."""
+
+    mode: str = "own"
+    width: int = 256
+    context_length: int = 77
+    layers: int = 2
+    heads: int = 4
+    clip: str | None = None
+    dropout: float = 0.0
+
+
+def token_states(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token text states of an open_clip CLIP after `ln_final` (what Karlo's decoder attends
+    to) and the mask of tokens up to and including EOT. `encode_text` returns only the pooled
+    vector."""
+    if not hasattr(model, "token_embedding"):
+        raise NotImplementedError(
+            f"token states need open_clip's built-in text tower; {type(model).__name__} has a custom one"
+        )
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding.to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    eot_position = (tokens == EOT_TOKEN_ID).int().argmax(dim=-1, keepdim=True)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+    return x, positions <= eot_position
 
 
 class FrozenHandle:
@@ -38,44 +72,51 @@ class CaptionEncoder(nn.Module):
     """`tokenize(captions)` then `forward(tokens) -> (states [B,L,out_dim], pooled [B,out_dim],
     pad_mask [B,L] True = real token)`.
 
-    In "clip" mode `width`, `context_length`, `layers` and `heads` come from the CLIP's text tower
-    (the arguments are ignored) and `clip` is a spec for `unclip.clip.load_clip`.
+    "clip" mode needs `clip_model` (an open_clip CLIP, frozen here) and its `tokenizer`.
     """
 
     def __init__(
         self,
-        mode: str = "own",
-        width: int = 256,
-        context_length: int = 77,
-        layers: int = 4,
-        heads: int = 4,
-        clip: str | None = None,
-        dropout: float = 0.0,
+        config: CaptionEncoderConfig | None = None,
+        /,
+        *,
+        clip_model: nn.Module | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"caption encoder mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
+        config = config if config is not None else CaptionEncoderConfig(**settings)
+        if config.mode not in MODES:
+            raise ValueError(f"caption encoder mode must be one of {MODES}, got {config.mode!r}")
+        self.config = config
+        self.mode = config.mode
         self.text: TextTransformer | None = None
         self._clip: FrozenHandle | None = None
-        if mode == "own":
-            self.text = TextTransformer(context_length, width, layers, heads, dropout=dropout)
-            self.context_length = context_length
-            self.out_dim = width
-            self._tokenizer: Any = open_clip.SimpleTokenizer(context_length=context_length)
-        else:
-            if not clip:
-                raise ValueError("caption encoder mode 'clip' needs a CLIP spec in `clip`")
-            from unclip.clip import load_clip  # late import: loading may pull in Lightning
-
-            bundle = load_clip(clip)
-            model = bundle.model.eval().requires_grad_(False)
-            if not hasattr(model, "token_embedding"):
-                raise ValueError(f"CLIP {clip!r} has no open_clip text tower to read tokens from")
-            self._clip = FrozenHandle(model)
-            self.context_length = int(model.context_length)
-            self.out_dim = int(model.transformer.width)
-            self._tokenizer = bundle.tokenizer
+        if config.mode == "own":
+            self.text = TextTransformer(
+                config.context_length,
+                config.width,
+                config.layers,
+                config.heads,
+                dropout=config.dropout,
+            )
+            self.context_length = config.context_length
+            self.out_dim = config.width
+            self._tokenizer: Any = open_clip.SimpleTokenizer(context_length=config.context_length)
+            return
+        if clip_model is None or tokenizer is None:
+            raise ValueError(
+                "caption encoder mode 'clip' needs the CLIP named in `clip` (the stage loads it)"
+            )
+        model = clip_model.eval().requires_grad_(False)
+        if not hasattr(model, "token_embedding"):
+            raise ValueError(
+                f"CLIP {config.clip!r} has no open_clip text tower to read tokens from"
+            )
+        self._clip = FrozenHandle(model)
+        self.context_length = int(model.context_length)
+        self.out_dim = int(model.transformer.width)
+        self._tokenizer = tokenizer
 
     @property
     def clip_model(self) -> nn.Module | None:
@@ -101,9 +142,7 @@ class CaptionEncoder(nn.Module):
                 f"{length} tokens per caption exceed context_length {self.context_length}"
             )
         if self.text is not None:
-            return self._own(tokens)
-        from unclip.clip import token_states
-
+            return self.text(tokens)
         full = F.pad(tokens, (0, self.context_length - length), value=PAD_ID)
         with torch.no_grad():
             states, pad_mask = token_states(self.clip_model, full)
@@ -111,9 +150,6 @@ class CaptionEncoder(nn.Module):
         eot_index = pad_mask.long().sum(dim=-1) - 1
         pooled = states[torch.arange(states.shape[0], device=states.device), eot_index]
         return states, pooled, pad_mask
-
-    def _own(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.text(tokens)
 
     # the frozen CLIP follows the encoder across devices and dtypes without being registered
     def _apply(self, fn: Any, recurse: bool = True) -> CaptionEncoder:

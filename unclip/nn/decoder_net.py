@@ -17,44 +17,60 @@ tokenised like any other.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.unet import UNet
+from unclip.nn.caption_encoder import CaptionEncoder, CaptionEncoderConfig
+from unclip.nn.unet import UNet, UNetConfig
 from unclip.nn.unit_norm import unit_norm
 
 NULL_IMAGE_EMBEDDINGS = ("zero", "learned")
-# UNet arguments the decoder sets itself from its other settings
-UNET_OWNED_KEYS = ("cond_dim", "context_dim")
+
+
+@dataclass
+class DecoderNetConfig:
+    """`model.net` of the decoder. text: the caption encoder, or None for a decoder without
+    captions. context_dim: width of the context tokens (default: the text encoder's).
+    rescale_image_embedding: feed z_i / |z_i| * sqrt(embed_dim) (unit RMS, as DALLE2-pytorch's
+    prior normalisation) instead of the raw embedding."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: CaptionEncoderConfig | None = None
+    num_image_tokens: int = 4
+    context_dim: int | None = None
+    add_pooled_text: bool = True
+    null_image_embedding: str = "zero"
+    rescale_image_embedding: bool = True
 
 
 class DecoderNet(nn.Module):
     """`forward(x_t, t, img_emb, tokens, drop_image=None) -> prediction` ([B, out_channels, H, W]).
 
-    embed_dim: size of the CLIP image embeddings. unet: `UNet` arguments (but cond_dim and
-    context_dim, which follow from the rest). text: `CaptionEncoder` arguments, or None for a decoder
-    without captions. context_dim: width of the context tokens (default: the text encoder's).
-    rescale_image_embedding: feed z_i / |z_i| * sqrt(embed_dim) (unit RMS, as DALLE2-pytorch's
-    prior normalisation) instead of the raw embedding.
+    embed_dim: size of the CLIP image embeddings. The stage builds the caption encoder (None:
+    no captions) and says the UNet's channels in and out and its image size.
     """
 
     def __init__(
         self,
         embed_dim: int,
-        unet: dict,
-        text: dict | None = None,
-        num_image_tokens: int = 4,
-        context_dim: int | None = None,
-        add_pooled_text: bool = True,
-        null_image_embedding: str = "zero",
-        rescale_image_embedding: bool = True,
+        config: DecoderNetConfig | None = None,
+        /,
+        *,
+        caption_encoder: CaptionEncoder | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        image_size: int = 64,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        owned = sorted(set(unet) & set(UNET_OWNED_KEYS))
-        if owned:
-            raise ValueError(f"model.net.unet.{owned[0]} is set by the decoder itself; remove it")
+        config = config if config is not None else DecoderNetConfig(**settings)
+        self.config = config
+        num_image_tokens, context_dim = config.num_image_tokens, config.context_dim
+        add_pooled_text, null_image_embedding = config.add_pooled_text, config.null_image_embedding
+        rescale_image_embedding = config.rescale_image_embedding
         if null_image_embedding not in NULL_IMAGE_EMBEDDINGS:
             raise ValueError(
                 f"model.net.null_image_embedding={null_image_embedding!r}: choose one of "
@@ -62,10 +78,10 @@ class DecoderNet(nn.Module):
             )
         self.embed_dim = embed_dim
         self.rescale_image_embedding = rescale_image_embedding
-        self.text = CaptionEncoder(**text) if text is not None else None
+        self.text = caption_encoder
         text_dim = self.text.out_dim if self.text is not None else 0
         self.add_pooled_text = add_pooled_text and self.text is not None
-        width = context_dim or text_dim or 4 * unet.get("model_channels", 64)
+        width = context_dim or text_dim or 4 * config.unet.model_channels
         self.text_proj = (
             nn.Linear(text_dim, width) if self.text is not None and text_dim != width else None
         )
@@ -73,7 +89,14 @@ class DecoderNet(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.context_dim = width
         cond_dim = embed_dim + (text_dim if self.add_pooled_text else 0)
-        self.unet = UNet(**unet, cond_dim=cond_dim, context_dim=width)
+        self.unet = UNet(
+            config.unet,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            image_size=image_size,
+            cond_dim=cond_dim,
+            context_dim=width,
+        )
         if null_image_embedding == "learned":
             self.null_image = nn.Parameter(torch.zeros(embed_dim))
         else:

@@ -15,27 +15,27 @@ token and its z_t for a learned null embedding.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unclip.nn.caption_encoder import CaptionEncoder
-from unclip.nn.transformer import Transformer, TransformerBlock, causal_mask
+from unclip.nn.transformer import (
+    KVCache,
+    Prefix,
+    Transformer,
+    TransformerConfig,
+    causal_mask,
+    timestep_embedding,
+)
 
 # timestep, noised embedding, query: the tokens after the (caption, z_t) prefix
 TAIL_TOKENS = 3
 
 
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of (original, integer) diffusion timesteps, as in guided-diffusion."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]
-    features = torch.cat([angles.cos(), angles.sin()], dim=-1)
-    return F.pad(features, (0, dim % 2))
+class DiffusionPriorNetConfig(TransformerConfig):
+    """`model.net` of the diffusion prior: its transformer's sizes."""
 
 
 class TimestepEmbedding(nn.Module):
@@ -45,54 +45,30 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t, self.width))
-
-
-@dataclass
-class Prefix:
-    """The conditioning part of the sequence: caption states and z_t, already projected and with
-    positions added ([B, L + 1, width]), and which of them are real tokens ([B, L + 1])."""
-
-    states: torch.Tensor
-    mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.states.shape[0]
-
-    @staticmethod
-    def cat(prefixes: list[Prefix]) -> Prefix:
-        """Stack prefixes along the batch; shorter ones get masked-out padding (which no token
-        attends to, so it changes nothing)."""
-        length = max(p.states.shape[1] for p in prefixes)
-        states = [F.pad(p.states, (0, 0, 0, length - p.states.shape[1])) for p in prefixes]
-        masks = [F.pad(p.mask, (0, length - p.mask.shape[1]), value=False) for p in prefixes]
-        return Prefix(torch.cat(states), torch.cat(masks))
-
-    def repeat_interleave(self, repeats: int) -> Prefix:
-        return Prefix(
-            self.states.repeat_interleave(repeats, dim=0),
-            self.mask.repeat_interleave(repeats, dim=0),
-        )
+        return self.mlp(timestep_embedding(t, self.width))
 
 
 class DiffusionPriorNet(nn.Module):
     """`forward(x_t, t, tokens, txt_emb, drop=None) -> x0` with embeddings in the prior's
-    normalised space; `text_encoder` holds `CaptionEncoder` arguments."""
+    normalised space; the caption encoder is built by the stage (a frozen CLIP is loaded there)."""
 
     def __init__(
         self,
         embed_dim: int,
-        width: int = 256,
-        layers: int = 4,
-        heads: int = 4,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        text_encoder: dict | None = None,
+        config: DiffusionPriorNetConfig | None = None,
+        /,
+        *,
+        caption_encoder: CaptionEncoder | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        config = config if config is not None else DiffusionPriorNetConfig(**settings)
+        self.config = config
+        width, layers, heads = config.width, config.layers, config.heads
+        mlp_ratio, dropout = config.mlp_ratio, config.dropout
         self.embed_dim = embed_dim
         self.width = width
-        self.caption_encoder = CaptionEncoder(**(text_encoder or {}))
+        self.caption_encoder = caption_encoder if caption_encoder is not None else CaptionEncoder()
         self.context_length = self.caption_encoder.context_length
         self.caption_proj = nn.Linear(self.caption_encoder.out_dim, width)
         self.text_emb_proj = nn.Linear(embed_dim, width)
@@ -197,25 +173,20 @@ class DiffusionPriorNet(nn.Module):
 
 
 class PrefixCache:
-    """Per-layer keys/values of a prefix; `denoise(x_t, t)` runs only the three tail tokens.
+    """The prefix's keys/values at every layer; `denoise(x_t, t)` runs only the three tail tokens.
 
-    It reuses each `TransformerBlock`'s own weights and computes exactly what the full causal pass
-    computes at the tail positions (see tests), without dropout: for sampling only.
+    It computes exactly what the full causal pass computes at the tail positions (see tests),
+    without dropout: for sampling only.
     """
 
     def __init__(self, net: DiffusionPriorNet, prefix: Prefix) -> None:
         self.net = net
         self.prefix_mask = prefix.mask
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.cache = KVCache()
         keys = prefix.mask
         mask = (causal_mask(keys.shape[1], keys.device)[None] & keys[:, None, :])[:, None]
-        x = prefix.states
-        for block in net.transformer.blocks:
-            q, k, v = _qkv(block, x)
-            self.keys.append(k)
-            self.values.append(v)
-            x = _finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        net.transformer(prefix.states, mask, self.cache)
+        self.cache.frozen = True
         # tail queries see every real prefix token and the tail causally
         tail = causal_mask(TAIL_TOKENS, keys.device)[None].expand(len(keys), -1, -1)
         prefix_part = keys[:, None, :].expand(-1, TAIL_TOKENS, -1)
@@ -226,27 +197,5 @@ class PrefixCache:
 
     @torch.no_grad()
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = self.net.tail(x_t, t)
-        for block, k_prefix, v_prefix in zip(
-            self.net.transformer.blocks, self.keys, self.values, strict=True
-        ):
-            q, k, v = _qkv(block, x)
-            k = torch.cat([k_prefix, k], dim=2)
-            v = torch.cat([v_prefix, v], dim=2)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=self.tail_mask)
-            x = _finish_block(block, x, attended)
+        x = self.net.transformer(self.net.tail(x_t, t), self.tail_mask, self.cache)
         return self.net.out(self.net.ln_out(x[:, -1]))
-
-
-def _qkv(block: TransformerBlock, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Queries, keys and values [B, heads, S, head_dim] of a block's attention."""
-    batch, length, _ = x.shape
-    qkv = block.attn.qkv(block.ln_attn(x)).view(batch, length, 3, block.attn.heads, -1)
-    return tuple(qkv.permute(2, 0, 3, 1, 4))
-
-
-def _finish_block(block: TransformerBlock, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The rest of `TransformerBlock.forward` after attention: projection, residuals, MLP."""
-    batch, length, width = x.shape
-    x = x + block.attn.proj(attended.transpose(1, 2).reshape(batch, length, width))
-    return x + block.mlp(block.ln_mlp(x))

@@ -12,13 +12,34 @@ a fresh block is the identity and a fresh network predicts zeros.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.nn.transformer import timestep_embedding
+
 MAX_NORM_GROUPS = 32
+
+__all__ = ["UNet", "UNetConfig", "timestep_embedding"]
+
+
+@dataclass
+class UNetConfig:
+    """`model.net.unet` (decoder) / `model.unet` (upsamplers): the UNet's own hyperparameters.
+    Channels in and out, the input size and the conditioning sizes follow from the stage."""
+
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    # feature-map sizes in pixels with self-attention (+ attention to context tokens)
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    num_head_channels: int = 32
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -30,17 +51,6 @@ def zero_module(module: nn.Module) -> nn.Module:
 def normalization(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups (fewer for the narrow layers of tiny configs)."""
     return nn.GroupNorm(math.gcd(MAX_NORM_GROUPS, channels), channels)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embeddings [B, dim] of (possibly fractional) timesteps [B]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = F.pad(embedding, (0, 1))
-    return embedding
 
 
 class Downsample(nn.Module):
@@ -180,7 +190,11 @@ def unwrapped(layer: nn.Module) -> nn.Module:
     """The block inside FSDP / activation-checkpoint wrappers, so dispatch by type survives them."""
     for _ in range(4):
         inner = next(
-            (getattr(layer, a) for a in WRAPPED_MODULE_ATTRS if isinstance(getattr(layer, a, None), nn.Module)),
+            (
+                getattr(layer, a)
+                for a in WRAPPED_MODULE_ATTRS
+                if isinstance(getattr(layer, a, None), nn.Module)
+            ),
             None,
         )
         if inner is None or isinstance(layer, (ResBlock, AttentionBlock)):
@@ -223,21 +237,24 @@ class UNet(nn.Module):
 
     def __init__(
         self,
+        config: UNetConfig | None = None,
+        /,
+        *,
         in_channels: int = 3,
         out_channels: int = 3,
-        model_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attention_resolutions: Sequence[int] = (16, 8),
-        num_head_channels: int = 32,
-        dropout: float = 0.0,
         image_size: int = 64,
         cond_dim: int | None = None,
         context_dim: int | None = None,
-        use_scale_shift_norm: bool = True,
-        resblock_updown: bool = True,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        config = config if config is not None else UNetConfig(**settings)
+        self.config = config
+        model_channels, channel_mult = config.model_channels, tuple(config.channel_mult)
+        num_res_blocks, num_head_channels = config.num_res_blocks, config.num_head_channels
+        attention_resolutions = tuple(config.attention_resolutions)
+        dropout, use_scale_shift_norm = config.dropout, config.use_scale_shift_norm
+        resblock_updown = config.resblock_updown
         levels = len(channel_mult)
         if image_size % 2 ** (levels - 1):
             raise ValueError(

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unclip.clip import ClipBundle, encode_images, encode_texts, load_clip
+from unclip.training.module import load_module
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ def use_ema_weights(module: nn.Module, enabled: bool) -> bool:
 def _load_stage(path: str | Path, role: str, needs: Sequence[str], device: torch.device) -> Any:
     """Load a checkpoint for `role`, failing with the file name when it is absent or is not a
     checkpoint of a stage that offers the methods `needs`."""
-    from unclip.training.module import load_module  # Lightning import only when loading
-
     path = Path(path)
     if not path.exists():  # a file, or the folder of a sharded FSDP checkpoint
         raise CheckpointError(f"{role}.checkpoint={str(path)!r}: no such checkpoint file")

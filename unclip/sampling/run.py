@@ -72,8 +72,9 @@ def resize_to(images: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(-1, 1)
 
 
-class Sampler:
-    """Runs one mode and collects grid rows and per-image records."""
+class ModeRunner:
+    """Runs one of sample.py's modes (text, variations, ...) over a pipeline and collects grid
+    rows and per-image records (a CLI mode, not a diffusion sampler: see diffusion.samplers)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -273,7 +274,7 @@ class Sampler:
         }
 
 
-def save_run(sampler: Sampler, out_dir: Path) -> dict[str, Any]:
+def save_run(sampler: ModeRunner, out_dir: Path) -> dict[str, Any]:
     """Run the sampler's mode into `out_dir` and write run.json beside the grid and images."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = sampler.run(out_dir)
@@ -286,7 +287,7 @@ def save_run(sampler: Sampler, out_dir: Path) -> dict[str, Any]:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Run `cfg.mode`; writes grid.png, images/*.png and run.json to `cfg.out_dir`."""
-    record = save_run(Sampler(cfg), Path(cfg.out_dir))
+    record = save_run(ModeRunner(cfg), Path(cfg.out_dir))
     print(f"grid: {record['grid']}")
     return record
 

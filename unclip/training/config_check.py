@@ -1,16 +1,20 @@
 """Fail at start-up, naming the key, when a config has a wrong key, a wrong type or a missing value.
 
 Hydra already refuses overrides of keys that do not exist; this catches the rest before anything
-trains: keys a `_target_` does not accept, values of the wrong simple type, and `???` left unset.
+trains: keys a `_target_` does not accept, values of the wrong simple type, `???` left unset, and
+(through `build_config`, the one way nested blocks are read) unknown or mistyped keys of the
+typed dataclass configs a stage's `net`, `diffusion`, `sampling`, `optim`, ... blocks fill.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import types
 import typing
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -18,6 +22,47 @@ from omegaconf.errors import MissingMandatoryValue
 
 class ConfigError(ValueError):
     pass
+
+
+T = TypeVar("T")
+
+
+def build_config(cls: type[T], given: Mapping[str, Any] | T | None, where: str) -> T:
+    """The dataclass `cls` from a config block: its defaults, overridden by `given`. An unknown
+    key or a value of the wrong type fails naming `where.key`; nested dataclass fields are built
+    from nested blocks the same way. Checkpoints keep `given` (plain containers), not the result."""
+    if isinstance(given, cls):
+        return given
+    if given is not None and not isinstance(given, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {given!r}")
+    given = dict(given or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; known under {where}: {names}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _typed(value, hints[key], f"{where}.{key}") for key, value in given.items()})
+
+
+def _nested_dataclass(annotation: Any) -> type | None:
+    """The dataclass of an annotation `D` or `D | None`."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _typed(value: Any, annotation: Any, where: str) -> Any:
+    nested = _nested_dataclass(annotation)
+    if nested is not None and isinstance(value, Mapping):
+        return build_config(nested, value, where)
+    allowed = _simple_types(annotation)
+    if allowed and not _type_ok(value, allowed):
+        names = ", ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _import_target(target: str, where: str) -> Any:
@@ -33,6 +78,10 @@ def _simple_types(annotation: Any) -> tuple[type, ...] | None:
     if annotation in (int, float, str, bool):
         return (annotation,)
     origin = typing.get_origin(annotation)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return (list, tuple, ListConfig)
+    if origin is dict or annotation is dict:
+        return (dict, DictConfig)
     if origin in (typing.Union, types.UnionType):
         allowed: list[type] = []
         for arg in typing.get_args(annotation):
@@ -57,6 +106,13 @@ def _type_ok(value: Any, allowed: tuple[type, ...]) -> bool:
 
 def check_target_node(node: DictConfig, where: str) -> None:
     target = _import_target(node["_target_"], where)
+    _check_signature(node, target, where)
+    validate = getattr(target, "validate_config", None)
+    if callable(validate):  # a stage's typed blocks (net, diffusion, sampling, ...)
+        validate(OmegaConf.to_container(node, resolve=True), where)
+
+
+def _check_signature(node: DictConfig, target: Any, where: str) -> None:
     func = target.__init__ if isinstance(target, type) else target
     signature = inspect.signature(func)
     params = signature.parameters

@@ -14,7 +14,8 @@ from torch import nn
 
 class EMA(nn.Module):
     """`decay` is the target; early on the effective decay is min(decay, (1 + n) / (10 + n)), so a
-    short run is not dominated by its random initialisation (as in ema-pytorch and guided-diffusion)."""
+    short run is not dominated by its random initialisation (the warm-up of TensorFlow's
+    ExponentialMovingAverage with num_updates; guided-diffusion uses a fixed rate)."""
 
     def __init__(self, net: nn.Module, decay: float, update_every: int = 1, start_step: int = 0):
         super().__init__()

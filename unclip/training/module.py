@@ -7,16 +7,19 @@ so `load_module(path)` can rebuild any stage without being told which one it is.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import nn
 
+from unclip.training.config_check import build_config
 from unclip.training.ema import EMA
 from unclip.training.fsdp import clip_sharded_gradients, mark_unit
 from unclip.training.nan_guard import first_non_finite
@@ -31,43 +34,69 @@ CLASS_ALIASES = {
     "unclip.models.prior_ar.ARPriorModule": "unclip.models.ar_prior.ARPriorModule",
 }
 
-DEFAULT_OPTIM: dict[str, Any] = {
-    "lr": 1e-4,
-    "betas": (0.9, 0.999),
-    "eps": 1e-8,
-    "weight_decay": 0.0,
-    "warmup_steps": 0,
-    "schedule": "constant",  # or "cosine" (to min_lr_ratio * lr at trainer.max_steps)
-    "min_lr_ratio": 0.0,
-}
+
+@dataclass
+class OptimConfig:
+    """`model.optim`: AdamW and its LR schedule."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    # constant | cosine (to min_lr_ratio * lr at trainer.max_steps)
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class EMAConfig:
+    """`model.ema` (null: no EMA): the average's target decay, how often it updates, and the
+    step before which it copies the weights instead."""
+
+    decay: float = 0.999
+    update_every: int = 1
+    start_step: int = 0
 
 
 class UnclipModule(L.LightningModule):
-    """Subclasses build `self.net` (the trained nn.Module) and call `self.init_ema()` after it."""
+    """Subclasses build `self.net` (the trained nn.Module) and call `self.init_ema()` after it.
+
+    `config_groups` maps a stage's nested config blocks to the dataclasses they fill, so
+    `validate_config` (run by train.py before anything is built) and the stage itself read them
+    the same way."""
 
     data_fields: list[str] = []
     embed_dim: int | None = None  # the CLIP embedding size the stage consumes
     net: nn.Module
+    config_groups: ClassVar[dict[str, type]] = {"optim": OptimConfig, "ema": EMAConfig}
 
     def __init__(self, optim: dict | None = None, ema: dict | None = None) -> None:
         super().__init__()
-        unknown = set(optim or {}) - set(DEFAULT_OPTIM)
-        if unknown:
-            raise ValueError(
-                f"unknown model.optim keys {sorted(unknown)}; known: {sorted(DEFAULT_OPTIM)}"
-            )
-        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
-        self.ema_cfg = ema
+        self.optim_cfg = dataclasses.asdict(build_config(OptimConfig, optim, "model.optim"))
+        self.ema_cfg = None if ema is None else build_config(EMAConfig, ema, "model.ema")
         self.ema: EMA | None = None
         self._skipped_total = 0
+
+    @classmethod
+    def validate_config(cls, cfg: dict[str, Any], where: str = "model") -> None:
+        """Fail naming `where.<group>.<key>` on an unknown or mistyped key of a typed block."""
+        for group, config in cls.config_groups.items():
+            if cfg.get(group) is not None:
+                build_config(config, cfg[group], f"{where}.{group}")
+
+    def generator(self, seed: int) -> torch.Generator:
+        """Where random generators live: on the module's device (the AR prior draws codes there),
+        seeded explicitly. Diffusion noise is drawn on the generator's device and moved."""
+        return torch.Generator(device=self.device).manual_seed(int(seed))
 
     # ---- EMA -----------------------------------------------------------------------------------
     def init_ema(self) -> None:
         # shapes as built: under FSDP the parameters become flat 1-D shards (weight decay groups)
         self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
         mark_unit(self.net)  # network and EMA copy: FSDP units of one structure (training/fsdp.py)
-        if self.ema_cfg and self.ema_cfg.get("decay", 0) > 0:
-            self.ema = EMA(self.net, **self.ema_cfg)
+        if self.ema_cfg is not None and self.ema_cfg.decay > 0:
+            self.ema = EMA(self.net, **dataclasses.asdict(self.ema_cfg))
 
     @property
     def eval_net(self) -> nn.Module:

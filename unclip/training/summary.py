@@ -10,12 +10,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-DEFAULT_METRICS = (
-    "val/loss",
-    "val/cos_to_truth",
-    "val/cos_text_baseline",
-    "val/retrieval_acc",
-)
+from unclip.evaluation.prior_metrics import PRIOR_METRICS
+
+# the columns shown first: what every stage logs, then what both priors log
+DEFAULT_METRICS = ("val/loss", *(f"val/{name}" for name in PRIOR_METRICS))
 
 
 def collect(sweep_dir: Path) -> list[dict]:
