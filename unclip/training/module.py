@@ -148,9 +148,9 @@ class UnclipModule(L.LightningModule):
     ) -> None:
         # FSDP: the norm over all shards, through the root module (Lightning's FSDP precision
         # plugin refuses norm clipping); everything else: Lightning's own clipping
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            if clip_sharded_gradients(self._trainer, float(gradient_clip_val)):
-                return
+        norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        if norm and clip_sharded_gradients(self._trainer, float(gradient_clip_val)):
+            return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _adamw_implementation(self) -> dict[str, bool]:
