@@ -50,7 +50,12 @@ def test_the_slurm_launcher_composes() -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=60"],
+            # the README's example, one point of its sweep
+            overrides=[
+                "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=1", "hydra.launcher.timeout_min=60",
+                "model=prior_ar", "data=shapes_emb", "trainer=gpu", "sweep_name=priors",
+            ],  # fmt: skip
             return_hydra_config=True,
         )
     launcher = cfg.hydra.launcher
