@@ -52,9 +52,14 @@ def test_the_slurm_launcher_composes() -> None:
             "train",
             # the README's example, one point of its sweep
             overrides=[
-                "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
-                "hydra.launcher.gpus_per_node=1", "hydra.launcher.timeout_min=60",
-                "model=prior_ar", "data=shapes_emb", "trainer=gpu", "sweep_name=priors",
+                "hydra/launcher=submitit_slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=1",
+                "hydra.launcher.timeout_min=60",
+                "model=prior_ar",
+                "data=shapes_emb",
+                "trainer=gpu",
+                "sweep_name=priors",
             ],  # fmt: skip
             return_hydra_config=True,
         )

@@ -176,8 +176,9 @@ class ShardDataModule(L.LightningDataModule):
         sizes = self.shard_sizes(urls)
         if sizes is None and self.splitter.rank == 0:
             log.warning(
-                "data.train_shards: no per-shard sample counts in %s; shards are drawn uniformly, "
-                "so samples of small shards are seen more often than those of big ones",
+                "data.train_shards: no per-shard sample counts in %s; shards are drawn uniformly "
+                "from shares split by position, so with uneven shard sizes some samples are seen "
+                "more often than others (the embed tool writes the counts)",
                 self.meta_file or "a meta.json beside them",
             )
         stream = ShardStream(
