@@ -147,3 +147,88 @@ def img2dataset_shards(tmp_path: Path) -> Path:
         (out / f"{shard:05d}.parquet").write_bytes(b"PAR1 not read by us PAR1")
         (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": size, "successes": size}))
     return out
+
+
+# ---- a tiny CLIP that has learnt the shapes captions (for the image metrics) -------------------
+EVAL_CLIP_ARCH = "unclip-eval-test"
+EVAL_CLIP_CONFIG = {
+    "embed_dim": 64,  # the tiny priors' and decoder's default embed_dim: sweeps need no override
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+EVAL_IMAGE_SIZE = 32
+
+
+def shapes_batch(split: str, count: int, size: int = EVAL_IMAGE_SIZE, start: int = 0):
+    """`count` single-object shapes scenes: ([N, 3, size, size] in [-1, 1], captions, records)."""
+    import torch
+
+    from unclip.data.shapes import render, scene
+    from unclip.images import from_pil
+
+    records = [scene(split, i, 0, 0.0) for i in range(start, start + count)]
+    images = torch.stack([from_pil(render(r, size)) for r in records])
+    return images, [r["caption"] for r in records], records
+
+
+@pytest.fixture(scope="session")
+def eval_clip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A CLIP trained for 120 steps (~5 s) on shapes captions: matching captions score ~0.8 cosine,
+    shuffled ones ~0.2. Returned as an open_clip `local-dir:` spec (config + weights in a folder),
+    so subprocesses load it too."""
+    import open_clip
+    import torch
+
+    from unclip.clip import clip_pixels, register_arch
+    from unclip.clip.factory import quiet_random_init
+
+    register_arch(EVAL_CLIP_ARCH, EVAL_CLIP_CONFIG)
+    images, captions, _ = shapes_batch("train", 512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with quiet_random_init():
+            model = open_clip.create_model(EVAL_CLIP_ARCH)
+        tokens = open_clip.get_tokenizer(EVAL_CLIP_ARCH)(captions)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-3)
+        loss_fn = open_clip.ClipLoss()
+        for _ in range(120):
+            index = torch.randint(0, len(images), (32,))
+            out = model(clip_pixels(images[index], model), tokens[index])
+            loss = loss_fn(*out[:3])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return save_local_dir(tmp_path_factory.mktemp("eval_clip"), model.state_dict())
+
+
+def save_local_dir(folder: Path, state_dict: dict) -> str:
+    """An open_clip `local-dir:` folder of the eval CLIP architecture with these weights."""
+    import json
+
+    import torch
+
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": EVAL_CLIP_CONFIG}))
+    torch.save(state_dict, folder / "open_clip_pytorch_model.bin")
+    return f"local-dir:{folder}"
+
+
+NUM_EVAL_SAMPLES = 160
+
+
+@pytest.fixture(scope="session")
+def eval_shards(eval_clip_spec: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """160 single-object shapes val images at 32 px embedded with `eval_clip_spec` by the embed
+    tool: two shards (`val-*.tar`) and a meta.json naming that CLIP."""
+    from unclip.data.embed import embed_shards
+    from unclip.data.shapes import generate
+
+    root = tmp_path_factory.mktemp("eval_data")
+    generate(
+        root / "shapes", size=EVAL_IMAGE_SIZE, train=8, val=NUM_EVAL_SAMPLES, holdout=8,
+        shard_size=NUM_EVAL_SAMPLES // 2, pair_fraction=0.0, workers=1,
+    )  # fmt: skip
+    out = root / "emb"
+    embed_shards(
+        str(root / "shapes" / "val-*.tar"), out, eval_clip_spec, split_name="val", progress=False
+    )
+    return out

@@ -128,3 +128,25 @@ def test_another_clip_cannot_write_into_the_same_folder(
     (out / "meta.json").write_text(json.dumps({"clip": "ViT-L-14:openai", "embed_dim": 768}))
     with pytest.raises(ValueError, match=r"meta\.json records clip='ViT-L-14:openai'"):
         embed(str(img2dataset_shards / "00000.tar"), out, clip_spec)
+
+
+def test_raw_option_stores_unnormalised_embeddings(
+    img2dataset_shards: Path, clip_spec: str, tmp_path: Path
+) -> None:
+    """--raw keeps the CLIP's own scale (Karlo's prior statistics are of raw ViT-L/14 embeddings)."""
+    out = tmp_path / "raw"
+    embed(str(img2dataset_shards / "00000.tar"), out, clip_spec, "--raw", "--dtype", "float32")
+    model, preprocess, tokenizer, _ = load_clip(clip_spec)
+    source = read_tar(img2dataset_shards / "00000.tar")
+    written = read_tar(out / "train-000000.tar")
+    captions = [s["txt"].decode() for s in source.values()]
+    images = [Image.open(io.BytesIO(s["jpg"])) for s in source.values()]
+    raw = {
+        "txt_emb.npy": encode_texts(model, tokenizer, captions, normalize=False),
+        "img_emb.npy": encode_images(model, preprocess, images, normalize=False),
+    }
+    for name, expected in raw.items():
+        stored = np.stack([np.load(io.BytesIO(s[name])) for s in written.values()])
+        assert np.allclose(stored, expected.numpy(), atol=1e-5)
+        assert not np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-2)
+    assert json.loads((out / "meta.json").read_text())["normalized"] is False

@@ -134,7 +134,7 @@ def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)  # tiny matrices: more threads only contend on a shared machine
     torch.manual_seed(0)
     run_dir = tmp_path_factory.mktemp("run")
-    module = tiny_module()
+    module = tiny_module(val_variants={"weights": ["online"]})
     fit = trainer(run_dir, TRAIN_STEPS)
     fit.fit(module, datamodule=datamodule(shards))
     yield module.eval(), fit, run_dir
@@ -276,6 +276,18 @@ def test_trained_prior_beats_the_text_embedding_baseline(trained) -> None:
     assert torch.allclose(sampled.norm(dim=-1), torch.ones(200), atol=1e-5)
     cosine = F.cosine_similarity(sampled, img).mean()
     assert cosine > F.cosine_similarity(txt, img).mean() + 0.15
+
+
+def test_trained_prior_logs_the_full_metric_set_for_both_weights(trained) -> None:
+    _, fit, _ = trained
+    metrics = {k: float(v) for k, v in fit.callback_metrics.items()}
+    for prefix in ("val/", "val/online/"):  # EMA (the default) and the online weights
+        assert metrics[f"{prefix}unrelated_cosine"] < metrics[f"{prefix}cosine"] - 0.1
+        assert metrics[f"{prefix}baseline_diff"] == pytest.approx(
+            metrics[f"{prefix}cosine"] - metrics[f"{prefix}text_baseline_cosine"], abs=1e-5
+        )
+    with pytest.raises(ValueError, match="no sampling steps"):
+        tiny_module(val_variants={"steps": [4], "weights": ["ema"]})
 
 
 def spread(samples: torch.Tensor) -> float:

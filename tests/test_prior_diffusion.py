@@ -135,7 +135,7 @@ def trained(synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory):
     """A tiny prior trained for TRAIN_STEPS steps, its checkpoint and its final val metrics."""
     torch.set_num_threads(1)
     L.seed_everything(0)
-    module = tiny_module()
+    module = tiny_module(val_variants={"steps": [4], "weights": ["ema", "online"]})
     fit = trainer(TRAIN_STEPS)
     fit.fit(module, datamodule=datamodule(synthetic_shards))
     checkpoint = tmp_path_factory.mktemp("prior_ckpt") / "last.ckpt"
@@ -290,6 +290,28 @@ def test_trained_prior_beats_the_text_embedding_baseline(trained, synthetic_shar
     loader = datamodule(synthetic_shards).stats_dataloader(1024)
     mean = torch.cat([batch["img_emb"] for batch in loader]).mean(0)
     assert torch.allclose(module.embedding_norm.mean, mean, atol=1e-3)
+
+
+def test_trained_prior_logs_the_full_metric_set_for_steps_and_both_weights(trained) -> None:
+    _, _, metrics = trained
+    # a sample is far closer to its own caption's image than to another caption's
+    assert metrics["val/unrelated_cosine"] < metrics["val/cosine"] - 0.3
+    assert metrics["val/baseline_diff"] == pytest.approx(
+        metrics["val/cosine"] - metrics["val/text_baseline_cosine"], abs=1e-5
+    )
+    assert -1 <= metrics["val/text_cosine"] <= 1
+    for weights in ("ema", "online"):
+        cosine = metrics[f"val/{weights}/steps4/cosine"]
+        assert metrics[f"val/{weights}/steps4/unrelated_cosine"] < cosine - 0.2
+    # 4 sampling steps fit worse than the 16 the validation samples with
+    assert metrics["val/ema/steps4/cosine"] < metrics["val/cosine"]
+
+
+def test_val_variants_are_checked() -> None:
+    with pytest.raises(ValueError, match="model.val_variants.weights"):
+        tiny_module(val_variants={"weights": ["swa"]})
+    with pytest.raises(ValueError, match="model.val_variants.stepz"):
+        tiny_module(val_variants={"stepz": [4]})
 
 
 def test_guidance_scale_controls_how_much_the_caption_counts(trained, val_batch) -> None:

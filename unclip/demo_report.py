@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from unclip.data.samples import read_samples
 from unclip.evaluation.binding import (
     HELD_IN,
     HELD_OUT,
@@ -20,9 +21,9 @@ from unclip.evaluation.binding import (
     summarise,
 )
 from unclip.evaluation.prior_fit import cosine_to_truth
+from unclip.evaluation.sample_set import format_scores, score_sample_run
 from unclip.images import load_image
 from unclip.sampling.run import ModeRunner, save_run, settings
-from unclip.sampling.shard_samples import read_samples
 
 
 class Demo(Protocol):
@@ -114,6 +115,12 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
     summary = summarise(judged)
     prior = score_prior(demo, sampler)
     reference = clip_reference(demo)
+    image_metrics = score_sample_run(
+        record,
+        out_dir,
+        str(demo.shapes_emb / "val-*.tar"),
+        reference_samples=int(cfg.evaluation.get("reference_samples", 1000)),
+    )
     report = {
         "grid": record["grid"],
         "summary": summary,
@@ -123,9 +130,11 @@ def score_and_report(demo: Demo) -> dict[str, Any]:
         "per_caption": per_caption(judged),
         "images": judged,
         "sampling_seconds": record["seconds"],
+        "image_metrics": image_metrics,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(format_table(summary, prior, dict(cfg.evaluation.bars), reference))
+    print(format_scores(image_metrics))
     print(f"\ngrid: {record['grid']}\nscores: {out_dir / 'report.json'}")
     return report
 

@@ -153,19 +153,27 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def encode_images(
-    model: nn.Module, preprocess: Callable, images: list[Image.Image] | torch.Tensor
+    model: nn.Module,
+    preprocess: Callable,
+    images: list[Image.Image] | torch.Tensor,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """L2-normalised float32 image embeddings from PIL images (via `preprocess`) or [-1, 1] tensors."""
+    """Float32 image embeddings from PIL images (via `preprocess`) or [-1, 1] tensors; L2-normalised
+    unless `normalize=False` (the raw embeddings Karlo's prior statistics describe)."""
     device = _device_of(model)
     if isinstance(images, torch.Tensor):
         pixels = clip_pixels(images.to(device), model)
     else:
         pixels = torch.stack([preprocess(image.convert("RGB")) for image in images]).to(device)
-    return F.normalize(model.encode_image(pixels).float(), dim=-1)
+    embeddings = model.encode_image(pixels).float()
+    return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
 
 @torch.no_grad()
-def encode_texts(model: nn.Module, tokenizer: Callable, captions: list[str]) -> torch.Tensor:
-    """L2-normalised float32 caption embeddings."""
+def encode_texts(
+    model: nn.Module, tokenizer: Callable, captions: list[str], normalize: bool = True
+) -> torch.Tensor:
+    """Float32 caption embeddings, L2-normalised unless `normalize=False`."""
     tokens = tokenizer(captions).to(_device_of(model))
-    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+    embeddings = model.encode_text(tokens).float()
+    return F.normalize(embeddings, dim=-1) if normalize else embeddings

@@ -5,7 +5,7 @@
 
 Reads our shards or img2dataset's (`KEY.jpg`, `KEY.txt`, `KEY.json`) and writes one output shard per
 input shard, `<split>-NNNNNN.tar` (NNNNNN: its place in the input list), holding the same keys, the
-image bytes copied through, the caption, the json and L2-normalised `img_emb.npy`/`txt_emb.npy`.
+image bytes copied through, the caption, the json and L2-normalised `img_emb.npy`/`txt_emb.npy` (`--raw`: as the CLIP outputs them).
 `meta.json` beside them names the CLIP. Each shard is written under a temporary name and renamed
 when complete, and finished shards are skipped: an interrupted run resumes where it stopped.
 """
@@ -61,9 +61,16 @@ class ShardEmbedder:
     """Embeds the samples of one input shard batch by batch and writes them to one output shard."""
 
     def __init__(
-        self, clip: tuple, batch_size: int, dtype: str, tracker: SkipTracker, bar: tqdm
+        self,
+        clip: tuple,
+        batch_size: int,
+        dtype: str,
+        tracker: SkipTracker,
+        bar: tqdm,
+        normalize: bool = True,
     ) -> None:
         self.model, self.preprocess, self.tokenizer = clip
+        self.normalize = normalize
         self.batch_size = batch_size
         self.dtype = dtype
         self.tracker = tracker
@@ -106,8 +113,10 @@ class ShardEmbedder:
     def _flush(self, pending: list, writer: AtomicShardWriter) -> None:
         if not pending:
             return
-        images = encode_images(self.model, self.preprocess, [image for _, image, _ in pending])
-        texts = encode_texts(self.model, self.tokenizer, [caption for _, _, caption in pending])
+        images = [image for _, image, _ in pending]
+        captions = [caption for _, _, caption in pending]
+        images = encode_images(self.model, self.preprocess, images, normalize=self.normalize)
+        texts = encode_texts(self.model, self.tokenizer, captions, normalize=self.normalize)
         for (sample, _, _), img_emb, txt_emb in zip(pending, images, texts, strict=True):
             writer.write({**sample, "img_emb": img_emb, "txt_emb": txt_emb})
         self.bar.update(len(pending))
@@ -125,8 +134,11 @@ def embed_shards(
     max_bad_fraction: float = 0.05,
     min_samples_for_abort: int = 200,
     progress: bool = True,
+    raw: bool = False,
 ) -> dict[str, Any]:
-    """Embed every input shard not yet embedded; returns the updated `meta.json` contents."""
+    """Embed every input shard not yet embedded; returns the updated `meta.json` contents. `raw`
+    stores the CLIP's embeddings as they come (not L2-normalised; meta.json says normalized=false),
+    the space of Karlo's prior statistics."""
     if dtype not in EMBED_DTYPES:
         raise ValueError(f"--dtype must be one of {EMBED_DTYPES}, got {dtype!r}")
     if "." in split_name or "/" in split_name:
@@ -143,7 +155,9 @@ def embed_shards(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, tokenizer, info = load_clip(clip, device=device)
-    meta = _open_meta(output, embedding_meta(clip, info["embed_dim"], dtype=dtype))
+    meta = _open_meta(
+        output, embedding_meta(clip, info["embed_dim"], normalized=not raw, dtype=dtype)
+    )
     split = meta["splits"].setdefault(split_name, {"shards": {}})
     split.update(
         input=input if isinstance(input, str) else list(input),
@@ -152,7 +166,8 @@ def embed_shards(
     )
     tracker = SkipTracker(f"--input {input!r}", max_bad_fraction, min_samples_for_abort)
     with tqdm(desc=f"embedding {split_name}", unit="img", disable=not progress) as bar:
-        embedder = ShardEmbedder((model, preprocess, tokenizer), batch_size, dtype, tracker, bar)
+        clip_parts = (model, preprocess, tokenizer)
+        embedder = ShardEmbedder(clip_parts, batch_size, dtype, tracker, bar, normalize=not raw)
         for number, (url, name) in enumerate(todo, 1):
             bar.set_postfix_str(f"shard {number}/{len(todo)}")
             bad_before = tracker.bad
@@ -181,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--max-bad-fraction", type=float, default=0.05)
     parser.add_argument("--min-samples-for-abort", type=int, default=200)
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="store un-normalised embeddings (what Karlo's prior statistics expect)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     embed_shards(
@@ -193,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         max_bad_fraction=args.max_bad_fraction,
         min_samples_for_abort=args.min_samples_for_abort,
+        raw=args.raw,
     )
 
 

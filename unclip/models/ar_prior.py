@@ -24,6 +24,7 @@ from unclip.diffusion import guide_halves, is_guided
 from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.ar_prior_tokenizer import EmbeddingTokenizer
 from unclip.models.captions import build_caption_encoder
+from unclip.models.prior_variants import ValVariants, log_prior_variants, variants_config
 from unclip.models.selection import best_by_dot_product
 from unclip.nn.ar_prior_net import ARPriorNet, ARPriorNetConfig
 from unclip.nn.caption_encoder import CaptionEncoderConfig
@@ -63,6 +64,7 @@ class ARPriorModule(UnclipModule):
         "net": ARPriorNetConfig,
         "text_encoder": CaptionEncoderConfig,
         "sampling": ARPriorSampling,
+        "val_variants": ValVariants,
     }
 
     def __init__(
@@ -78,11 +80,13 @@ class ARPriorModule(UnclipModule):
         text_drop_prob: float = 0.1,
         sampling: dict | None = None,
         val_sample_batches: int | None = 1,
+        val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
     ) -> None:
         super().__init__(optim, ema)
         self.save_hyperparameters()
+        self.val_variants = variants_config(val_variants, has_steps=False)
         if not 0.0 <= text_drop_prob < 1.0:
             raise ValueError(f"model.text_drop_prob must be in [0, 1), got {text_drop_prob}")
         if fit_samples < 1:
@@ -180,6 +184,12 @@ class ARPriorModule(UnclipModule):
         sampled = self.sample(batch["txt"], txt_emb, generator=self.generator(batch_idx))
         for key, value in prior_metrics(sampled, img_emb, txt_emb).items():
             self.log(f"val/{key}", value, batch_size=size, sync_dist=True)
+        log_prior_variants(
+            self,
+            batch,
+            batch_idx,
+            lambda captions, txt_emb, steps: self.sample(captions, txt_emb, self.generator(0)),
+        )
 
     # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -21,6 +21,7 @@ from unclip.evaluation.prior_metrics import prior_metrics
 from unclip.models.captions import build_caption_encoder
 from unclip.models.diffusion_stage import DiffusionStage
 from unclip.models.embedding_norm import EmbeddingNorm, EmbeddingNormConfig
+from unclip.models.prior_variants import ValVariants, log_prior_variants, variants_config
 from unclip.models.selection import best_by_dot_product
 from unclip.nn.caption_encoder import CaptionEncoderConfig
 from unclip.nn.diffusion_prior_net import DiffusionPriorNet, DiffusionPriorNetConfig
@@ -42,10 +43,23 @@ class DiffusionPriorSampling:
     guidance_scale: float = 2.0
     # draw this many per caption, keep the one with the highest dot product with z_t (paper: 2)
     best_of: int = 2
+    # clamp the predicted x0 to +-clip_x0 in the normalised space (None: no clamp; Karlo 10,
+    # diffusers' scheduler 5)
+    clip_x0: float | None = None
 
     def __post_init__(self) -> None:
         if int(self.best_of) < 1:
             raise ValueError(f"best_of must be at least 1, got {self.best_of}")
+        if self.clip_x0 is not None and float(self.clip_x0) <= 0:
+            raise ValueError(f"clip_x0 must be positive or null, got {self.clip_x0}")
+
+
+# how z_t reaches the network: on the sphere of radius sqrt(d), or as the shards hold it (Karlo)
+TEXT_EMBEDDINGS = ("sphere", "raw")
+# the unconditional input of guidance: learned null tokens, or the CLIP encoding of the empty
+# caption (Karlo, diffusers' UnCLIPPipeline; needs text_encoder.mode=clip)
+NULL_CONDITIONS = ("learned", "empty_caption")
+NO_CAPTION = ""
 
 
 class DiffusionPriorModule(DiffusionStage):
@@ -62,6 +76,11 @@ class DiffusionPriorModule(DiffusionStage):
     sampling: DiffusionPriorSampling plus the sampler's settings.
     unit_norm_output: L2-normalise sampled embeddings, like the embed tool's shards.
     val_seed: seed of the validation noise, so validation metrics are comparable across steps.
+    val_variants: {steps: [...], weights: [ema, online]}: the validation metric set again at these
+        sampling step counts for these weights (first validation batch), `val/ema/steps16/cosine`.
+    text_embedding: "sphere" (z_t rescaled to radius sqrt(d)) or "raw" (as given; Karlo).
+    null_condition: "learned" nulls or "empty_caption" (the CLIP encoding of "", caption states and
+        text embedding; Karlo); both for the training drops and for guidance.
     """
 
     data_fields = ["txt", "img_emb", "txt_emb"]
@@ -71,6 +90,7 @@ class DiffusionPriorModule(DiffusionStage):
         "net": DiffusionPriorNetConfig,
         "text_encoder": CaptionEncoderConfig,
         "normalization": EmbeddingNormConfig,
+        "val_variants": ValVariants,
     }
 
     def __init__(
@@ -85,11 +105,25 @@ class DiffusionPriorModule(DiffusionStage):
         sampling: dict | None = None,
         unit_norm_output: bool = True,
         val_seed: int = 0,
+        val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
+        text_embedding: str = "sphere",
+        null_condition: str = "learned",
     ) -> None:
         super().__init__(optim, ema, diffusion, sampling, val_seed)
         self.save_hyperparameters()
+        self.val_variants = variants_config(val_variants, has_steps=True)
+        if text_embedding not in TEXT_EMBEDDINGS:
+            raise ValueError(
+                f"model.text_embedding={text_embedding!r}: choose one of {TEXT_EMBEDDINGS}"
+            )
+        if null_condition not in NULL_CONDITIONS:
+            raise ValueError(
+                f"model.null_condition={null_condition!r}: choose one of {NULL_CONDITIONS}"
+            )
+        self.text_embedding = text_embedding
+        self.null_condition = null_condition
         if embed_dim < 1:
             raise ValueError(f"model.embed_dim must be positive, got {embed_dim}")
         if not 0.0 <= text_drop_prob < 1.0:
@@ -106,6 +140,11 @@ class DiffusionPriorModule(DiffusionStage):
             build_config(DiffusionPriorNetConfig, net, "model.net"),
             caption_encoder=build_caption_encoder(text_encoder, "model.text_encoder"),
         )
+        if null_condition == "empty_caption" and self.net.caption_encoder.clip_model is None:
+            raise ValueError(
+                "model.null_condition=empty_caption encodes the empty caption with the CLIP: "
+                "set model.text_encoder.mode=clip"
+            )
         self.init_ema()
 
     @classmethod
@@ -140,8 +179,32 @@ class DiffusionPriorModule(DiffusionStage):
 
     # ---- shared pieces -------------------------------------------------------------------------
     def text_condition(self, txt_emb: torch.Tensor) -> torch.Tensor:
-        """z_t as the network sees it: on the sphere of radius sqrt(d), whatever the shards hold."""
+        """z_t as the network sees it: on the sphere of radius sqrt(d), whatever the shards hold
+        (text_embedding=sphere), or as given (raw)."""
+        if self.text_embedding == "raw":
+            return txt_emb.float()
         return unit_norm(txt_emb.float()) * math.sqrt(self.embed_dim)
+
+    def empty_caption_embedding(self, batch_size: int) -> torch.Tensor:
+        """[B, D] CLIP text embedding of the empty caption (null_condition=empty_caption)."""
+        encoder = self.net.caption_encoder
+        tokens = encoder.tokenize([NO_CAPTION]).to(self.device)
+        return encoder.clip_text_embedding(tokens).float().expand(batch_size, -1)
+
+    def with_empty_captions(
+        self, captions: list[str], txt_emb: torch.Tensor, drop: torch.Tensor
+    ) -> tuple[list[str], torch.Tensor]:
+        """Dropped samples' captions and z_t replaced by the empty caption's (Karlo's null)."""
+        captions = [NO_CAPTION if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        null = self.empty_caption_embedding(len(captions)).to(txt_emb.dtype)
+        return captions, torch.where(drop[:, None], null, txt_emb)
+
+    def unconditional_prefix(self, net: torch.nn.Module, batch_size: int) -> Prefix:
+        """The prefix of guidance's unconditional half."""
+        if self.null_condition == "learned":
+            return net.null_condition(batch_size, self.device)
+        null = self.text_condition(self.empty_caption_embedding(batch_size))
+        return net.condition(self.tokenize([NO_CAPTION] * batch_size), null)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Caption tokens without the padding every caption of the batch has (exact, and cheaper)."""
@@ -150,10 +213,14 @@ class DiffusionPriorModule(DiffusionStage):
 
     # ---- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        tokens = self.tokenize(batch["txt"])
         x0 = self.embedding_norm.normalize(batch["img_emb"].float())
-        txt = self.text_condition(batch["txt_emb"])
+        captions, txt_emb = list(batch["txt"]), batch["txt_emb"].float()
         drop = torch.rand(len(x0), device=self.device) < self.text_drop_prob
+        if self.null_condition == "empty_caption":
+            captions, txt_emb = self.with_empty_captions(captions, txt_emb.to(self.device), drop)
+            drop = None
+        tokens = self.tokenize(captions)
+        txt = self.text_condition(txt_emb)
         losses = self.diffusion.training_losses(
             lambda x_t, t: self.net(x_t, t, tokens, txt, drop), x0
         )
@@ -174,6 +241,14 @@ class DiffusionPriorModule(DiffusionStage):
         metrics = prior_metrics(sampled, batch["img_emb"], batch["txt_emb"])
         for key, value in metrics.items():
             self.log(f"val/{key}", value, batch_size=size, sync_dist=True, prog_bar=key == "cosine")
+        log_prior_variants(
+            self,
+            batch,
+            batch_idx,
+            lambda captions, txt_emb, steps: self.sample(
+                captions, txt_emb, self.val_generator(0), steps=steps
+            ),
+        )
 
     # ---- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,9 +275,12 @@ class DiffusionPriorModule(DiffusionStage):
         prefix = prefix.repeat_interleave(n)
         rows = len(prefix)
         if is_guided(scale):
-            prefix = Prefix.cat([prefix, net.null_condition(rows, self.device)])
+            prefix = Prefix.cat([prefix, self.unconditional_prefix(net, rows)])
         model_fn = classifier_free_guidance(net.cache(prefix).denoise, scale)
-        x0 = self.run_sampler(model_fn, (rows, self.embed_dim), s, generator=generator)
+        clip = None if s["clip_x0"] is None else (-float(s["clip_x0"]), float(s["clip_x0"]))
+        x0 = self.run_sampler(
+            model_fn, (rows, self.embed_dim), s, generator=generator, clip_denoised=clip
+        )
         z = self.embedding_norm.denormalize(x0)
         if self.unit_norm_output:
             z = unit_norm(z)

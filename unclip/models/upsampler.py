@@ -32,15 +32,24 @@ class UpsamplerSampling:
     sampler: str = "ddim"
 
 
-def resize(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """Square-resize [B, C, H, W] in [-1, 1]; anti-aliased when shrinking."""
+def resize(
+    images: torch.Tensor,
+    size: int,
+    mode: str,
+    antialias: bool | None = None,
+    clamp: bool = True,
+) -> torch.Tensor:
+    """Square-resize [B, C, H, W] in [-1, 1]; anti-aliased when shrinking (None), or as told, and
+    clamped back to [-1, 1] unless `clamp=False` (diffusers' UnCLIP pipeline enlarges with
+    antialias=True and no clamp)."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
-    shrinking = size < images.shape[-1]
+    if antialias is None:
+        antialias = size < images.shape[-1]
     out = F.interpolate(
-        images, size=(size, size), mode=mode, align_corners=False, antialias=shrinking
+        images, size=(size, size), mode=mode, align_corners=False, antialias=antialias
     )
-    return out.clamp(-1, 1)
+    return out.clamp(-1, 1) if clamp else out
 
 
 def random_crops(
@@ -85,6 +94,9 @@ class UpsamplerModule(DiffusionStage):
     residual: diffuse
     the difference from the resized low-resolution image instead of the image (not the paper's;
     a fresh network then upsamples like plain resizing, which a tiny model improves on quickly).
+    lift_antialias: resize the low-resolution image up with PyTorch's anti-aliased kernel and no
+    clamp, as diffusers' UnCLIP pipeline (and so Karlo's released upsampler) does; the two lifts
+    differ by up to 0.17.
     val_samples: images upsampled on the first validation batch and scored against the truth and
     against plain resizing (val/sample_mse, val/resize_mse); 0 to skip. val_seed: seeds the
     validation crops, corruption and noise, and the sampling noise of validation and grids.
@@ -112,6 +124,7 @@ class UpsamplerModule(DiffusionStage):
         degradation: dict | None = None,
         sampling: dict | None = None,
         residual: bool = False,
+        lift_antialias: bool = False,
         val_samples: int = 8,
         val_seed: int = 0,
         optim: dict | None = None,
@@ -134,6 +147,7 @@ class UpsamplerModule(DiffusionStage):
         self.crop_size = round(image_size * crop_fraction)
         self.resize_mode = resize_mode
         self.residual = bool(residual)
+        self.lift_antialias = bool(lift_antialias)
         self.val_samples = int(val_samples)
         self.net = self._build_unet(unet)
         self.degradation = build_degradation(degradation)
@@ -169,6 +183,8 @@ class UpsamplerModule(DiffusionStage):
 
     def lift(self, low_res: torch.Tensor) -> torch.Tensor:
         """The low-resolution image resized to the target size: the network's conditioning."""
+        if self.lift_antialias:  # exactly as diffusers' UnCLIPPipeline lifts the decoder's image
+            return resize(low_res, self.image_size, self.resize_mode, antialias=True, clamp=False)
         return resize(low_res, self.image_size, self.resize_mode)
 
     def training_pair(

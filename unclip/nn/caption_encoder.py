@@ -22,6 +22,9 @@ from torch import nn
 from unclip.nn.transformer import TextTransformer
 
 MODES = ("own", "clip")
+# the pooled summary: the EOT token's state, or (clip mode) that state through CLIP's text projection,
+# i.e. the CLIP text embedding itself (what diffusers' UnCLIP decoder adds to its timestep embedding)
+POOLED = ("eot", "projected")
 PAD_ID = 0  # open_clip pads with 0 after the EOT token
 EOT_TOKEN_ID = 49407
 
@@ -30,7 +33,8 @@ EOT_TOKEN_ID = 49407
 class CaptionEncoderConfig:
     """`model.text_encoder` (priors) / `model.net.text` (decoder). In "clip" mode width,
     context_length, layers and heads come from the CLIP's text tower and `clip` is a spec for
-    `unclip.clip.load_clip`."""
+    `unclip.clip.load_clip`. pooled: the summary, "eot" or (clip mode) "projected", the raw CLIP
+    text embedding (Karlo's decoder)."""
 
     mode: str = "own"
     width: int = 256
@@ -39,6 +43,7 @@ class CaptionEncoderConfig:
     heads: int = 4
     clip: str | None = None
     dropout: float = 0.0
+    pooled: str = "eot"
 
 
 def token_states(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +74,7 @@ class FrozenHandle:
 
 
 class CaptionEncoder(nn.Module):
-    """`tokenize(captions)` then `forward(tokens) -> (states [B,L,out_dim], pooled [B,out_dim],
+    """`tokenize(captions)` then `forward(tokens) -> (states [B,L,out_dim], pooled [B,pooled_dim],
     pad_mask [B,L] True = real token)`.
 
     "clip" mode needs `clip_model` (an open_clip CLIP, frozen here) and its `tokenizer`.
@@ -88,7 +93,16 @@ class CaptionEncoder(nn.Module):
         config = config if config is not None else CaptionEncoderConfig(**settings)
         if config.mode not in MODES:
             raise ValueError(f"caption encoder mode must be one of {MODES}, got {config.mode!r}")
+        if config.pooled not in POOLED:
+            raise ValueError(
+                f"caption encoder pooled must be one of {POOLED}, got {config.pooled!r}"
+            )
+        if config.pooled == "projected" and config.mode != "clip":
+            raise ValueError(
+                "caption encoder pooled='projected' needs mode 'clip' (a CLIP projection)"
+            )
         self.config = config
+        self.pooled = config.pooled
         self.mode = config.mode
         self.text: TextTransformer | None = None
         self._clip: FrozenHandle | None = None
@@ -102,6 +116,7 @@ class CaptionEncoder(nn.Module):
             )
             self.context_length = config.context_length
             self.out_dim = config.width
+            self.pooled_dim = config.width
             self._tokenizer: Any = open_clip.SimpleTokenizer(context_length=config.context_length)
             return
         if clip_model is None or tokenizer is None:
@@ -117,6 +132,9 @@ class CaptionEncoder(nn.Module):
         self.context_length = int(model.context_length)
         self.out_dim = int(model.transformer.width)
         self._tokenizer = tokenizer
+        self.pooled_dim = self.out_dim
+        if config.pooled == "projected":
+            self.pooled_dim = int(self._projection(torch.zeros(1, self.out_dim)).shape[-1])
 
     @property
     def clip_model(self) -> nn.Module | None:
@@ -149,7 +167,24 @@ class CaptionEncoder(nn.Module):
         states, pad_mask = states[:, :length].float(), pad_mask[:, :length]
         eot_index = pad_mask.long().sum(dim=-1) - 1
         pooled = states[torch.arange(states.shape[0], device=states.device), eot_index]
+        if self.pooled == "projected":
+            pooled = self._projection(pooled)
         return states, pooled, pad_mask
+
+    def _projection(self, pooled: torch.Tensor) -> torch.Tensor:
+        """CLIP's text projection (a matrix or a Linear, depending on the open_clip model)."""
+        projection = self.clip_model.text_projection
+        if isinstance(projection, nn.Module):
+            return projection(pooled)
+        return pooled @ projection.to(pooled.dtype)
+
+    @torch.no_grad()
+    def clip_text_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, embed] raw (un-normalised) CLIP text embeddings of full-length tokens (clip mode)."""
+        if self.clip_model is None:
+            raise ValueError("CLIP text embeddings need caption encoder mode 'clip'")
+        _, pooled, _ = self.forward(tokens)
+        return pooled if self.pooled == "projected" else self._projection(pooled)
 
     # the frozen CLIP follows the encoder across devices and dtypes without being registered
     def _apply(self, fn: Any, recurse: bool = True) -> CaptionEncoder:

@@ -35,7 +35,8 @@ class DecoderNetConfig:
     """`model.net` of the decoder. text: the caption encoder, or None for a decoder without
     captions. context_dim: width of the context tokens (default: the text encoder's).
     rescale_image_embedding: feed z_i / |z_i| * sqrt(embed_dim) (unit RMS, as DALLE2-pytorch's
-    prior normalisation) instead of the raw embedding."""
+    prior normalisation) instead of the raw embedding. text_proj_norm: always project the caption
+    states to the context width and LayerNorm them (Karlo / diffusers' UnCLIPTextProjModel)."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: CaptionEncoderConfig | None = None
@@ -44,6 +45,7 @@ class DecoderNetConfig:
     add_pooled_text: bool = True
     null_image_embedding: str = "zero"
     rescale_image_embedding: bool = True
+    text_proj_norm: bool = False
 
 
 class DecoderNet(nn.Module):
@@ -80,15 +82,16 @@ class DecoderNet(nn.Module):
         self.rescale_image_embedding = rescale_image_embedding
         self.text = caption_encoder
         text_dim = self.text.out_dim if self.text is not None else 0
+        pooled_dim = self.text.pooled_dim if self.text is not None else 0
         self.add_pooled_text = add_pooled_text and self.text is not None
         width = context_dim or text_dim or 4 * config.unet.model_channels
-        self.text_proj = (
-            nn.Linear(text_dim, width) if self.text is not None and text_dim != width else None
-        )
+        needs_proj = self.text is not None and (text_dim != width or config.text_proj_norm)
+        self.text_proj = nn.Linear(text_dim, width) if needs_proj else None
+        self.text_norm = nn.LayerNorm(width) if needs_proj and config.text_proj_norm else None
         self.image_tokens = nn.Linear(embed_dim, num_image_tokens * width)
         self.num_image_tokens = num_image_tokens
         self.context_dim = width
-        cond_dim = embed_dim + (text_dim if self.add_pooled_text else 0)
+        cond_dim = embed_dim + (pooled_dim if self.add_pooled_text else 0)
         self.unet = UNet(
             config.unet,
             in_channels=in_channels,
@@ -112,6 +115,31 @@ class DecoderNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cond [B, cond_dim], context [B, N, width], context_mask [B, N]) for the UNet: what
         stays fixed over a sampling chain, so samplers compute it once."""
+        img_emb, image_context, image_mask = self._image_condition(img_emb, drop_image)
+        if self.text is None:
+            return img_emb, image_context, image_mask
+        states, pooled, pad_mask = self.text(tokens.to(img_emb.device))
+        return self._with_caption(img_emb, image_context, image_mask, states, pooled, pad_mask)
+
+    def condition_on_states(
+        self,
+        img_emb: torch.Tensor,
+        states: torch.Tensor,
+        pooled: torch.Tensor,
+        pad_mask: torch.Tensor,
+        drop_image: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`condition` from caption states [B, L, text.out_dim], pooled [B, text.pooled_dim] and
+        mask [B, L] already computed (another encoder's, or a converter test's inputs)."""
+        if self.text is None:
+            raise ValueError("condition_on_states needs a decoder with captions (model.net.text)")
+        img_emb, image_context, image_mask = self._image_condition(img_emb, drop_image)
+        return self._with_caption(img_emb, image_context, image_mask, states, pooled, pad_mask)
+
+    def _image_condition(
+        self, img_emb: torch.Tensor, drop_image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_i as fed, its context tokens, their mask)."""
         if img_emb.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"image embeddings of size {img_emb.shape[-1]}, but the decoder takes "
@@ -130,11 +158,21 @@ class DecoderNet(nn.Module):
         image_mask = torch.ones(
             batch, self.num_image_tokens, dtype=torch.bool, device=img_emb.device
         )
-        if self.text is None:
-            return img_emb, image_context, image_mask
-        states, pooled, pad_mask = self.text(tokens.to(img_emb.device))
+        return img_emb, image_context, image_mask
+
+    def _with_caption(
+        self,
+        img_emb: torch.Tensor,
+        image_context: torch.Tensor,
+        image_mask: torch.Tensor,
+        states: torch.Tensor,
+        pooled: torch.Tensor,
+        pad_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.text_proj is not None:
             states = self.text_proj(states)
+        if self.text_norm is not None:
+            states = self.text_norm(states)
         cond = torch.cat([img_emb, pooled], dim=-1) if self.add_pooled_text else img_emb
         context = torch.cat([states.to(image_context.dtype), image_context], dim=1)
         return cond, context, torch.cat([pad_mask, image_mask], dim=1)

@@ -189,16 +189,29 @@ class UnclipPipeline:
             )
         return kind
 
+    @property
+    def raw_embeddings(self) -> bool:
+        """A prior that reads raw z_t (model.text_embedding=raw: Karlo's) puts the whole stack in
+        raw CLIP space: captions and images are then embedded without L2 normalisation."""
+        return getattr(self.prior, "text_embedding", None) == "raw"
+
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
     # ---- stages --------------------------------------------------------------------------------
     def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:
-        return encode_texts(self.clip.model, self.clip.tokenizer, list(captions))
+        return encode_texts(
+            self.clip.model, self.clip.tokenizer, list(captions), normalize=not self.raw_embeddings
+        )
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings of [B, 3, H, W] images in [-1, 1]."""
-        return encode_images(self.clip.model, self.clip.preprocess, images.to(self.device))
+        return encode_images(
+            self.clip.model,
+            self.clip.preprocess,
+            images.to(self.device),
+            normalize=not self.raw_embeddings,
+        )
 
     @torch.no_grad()
     def sample_prior(

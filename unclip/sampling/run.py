@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from unclip.data.samples import read_embeddings
 from unclip.images import captioned_grid, load_image, save_images, slug
 from unclip.sampling import manipulations as manip
 from unclip.sampling.latents import fit_pca
 from unclip.sampling.pipeline import UnclipPipeline
-from unclip.sampling.shard_samples import read_embeddings
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,12 @@ so `load_module(path)` can rebuild any stage without being told which one it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,6 +104,20 @@ class UnclipModule(L.LightningModule):
     def eval_net(self) -> nn.Module:
         """The network used for validation and sampling: the EMA weights when there are any."""
         return self.ema.module if self.ema is not None else self.net
+
+    @contextlib.contextmanager
+    def sampling_weights(self, which: str = "ema") -> Iterator[None]:
+        """Inside, `eval_net` is the EMA network (`"ema"`, the default) or the online one
+        (`"online"`): metrics of both sets of weights from one module."""
+        if which not in ("ema", "online"):
+            raise ValueError(f"sampling weights must be 'ema' or 'online', got {which!r}")
+        ema = self.ema
+        if which == "online":
+            self.ema = None
+        try:
+            yield
+        finally:
+            self.ema = ema
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # the EMA follows each optimiser step here, before any callback's on_train_batch_end, so a

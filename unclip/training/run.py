@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from unclip.training.checkpoints import SafeCheckpointIO, newest_loadable, remove_staged
 from unclip.training.config_check import check_config
 from unclip.training.fsdp import FullWeightsForEval
+from unclip.training.generation_eval import generation_eval
 from unclip.training.loggers import finish_loggers
 from unclip.training.seeding import RankSeed
 
@@ -100,6 +101,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     loggers = instantiate_loggers(cfg.get("logger"))
     strategy = instantiate_strategy(cfg.strategy)
     callbacks = [*instantiate_callbacks(cfg.get("callbacks")), RankSeed(cfg.seed)]
+    evaluation = generation_eval(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
+    if evaluation is not None:
+        callbacks.append(evaluation)
     if isinstance(strategy, FSDPStrategy):
         callbacks.append(FullWeightsForEval())
     trainer = instantiate(
@@ -129,6 +133,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model, datamodule, trainer = build(cfg)
     try:
         ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+        initialise(model, cfg, resuming=ckpt_path is not None)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_loggers(trainer.loggers)
@@ -136,6 +141,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         write_metrics(run_dir, cfg, metrics, trainer.global_step)
     return metrics
+
+
+def initialise(model: L.LightningModule, cfg: DictConfig, resuming: bool) -> None:
+    """`init_from=PATH`: weights from PATH, fresh optimiser and step count; a run that resumes
+    (`ckpt_path=last` with a checkpoint) keeps its own weights instead."""
+    path = cfg.get("init_from")
+    if not path:
+        return
+    if resuming:
+        log.info("resuming this run's checkpoint: init_from=%s is not used", path)
+        return
+    from unclip.training.init_from import init_weights
+
+    init_weights(model, path, use_ema=bool(cfg.get("init_from_ema", True)))
 
 
 def write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:

@@ -99,20 +99,26 @@ class SampleGrid(L.Callback):
             self.log_grid(trainer, grid, captions)
 
     def log_grid(self, trainer: L.Trainer, grid: Image.Image, captions: list[str]) -> None:
-        step = trainer.global_step
-        caption = "sample | ground truth: " + "; ".join(captions)
-        file_wanted = not trainer.loggers
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(self.key, [grid], step=step, caption=[caption])
-            elif isinstance(logger, TensorBoardLogger):
-                pixels = np.asarray(grid)
-                logger.experiment.add_image(self.key, pixels, step, dataformats="HWC")
-            elif isinstance(logger, CSVLogger):
-                file_wanted = True
-        if file_wanted:
-            folder = Path(trainer.default_root_dir) / SAMPLES_DIR
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"step{step:07d}.png"
-            grid.save(path)
-            log.info("sample grid written to %s", path)
+        log_grid_image(trainer, self.key, grid, "sample | ground truth: " + "; ".join(captions))
+
+
+def log_grid_image(
+    trainer: L.Trainer, key: str, grid: Image.Image, caption: str, file_prefix: str = ""
+) -> None:
+    """A grid image on every logger of the run: a wandb image, a TensorBoard image, and a PNG
+    under `<run dir>/samples/` for CSV logging or no logger (file named by key and step)."""
+    step = trainer.global_step
+    file_wanted = not trainer.loggers
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key, [grid], step=step, caption=[caption])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, np.asarray(grid), step, dataformats="HWC")
+        elif isinstance(logger, CSVLogger):
+            file_wanted = True
+    if file_wanted:
+        folder = Path(trainer.default_root_dir) / SAMPLES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{file_prefix}step{step:07d}.png"
+        grid.save(path)
+        log.info("sample grid written to %s", path)

@@ -11,6 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from unclip.evaluation.prior_metrics import PRIOR_METRICS
+from unclip.evaluation.tables import format_markdown
 
 # the columns shown first: what every stage logs, then what both priors log
 DEFAULT_METRICS = ("val/loss", *(f"val/{name}" for name in PRIOR_METRICS))
@@ -26,7 +27,7 @@ def summary_table(
     """Rows of job overrides and metrics; metric columns no job logged are left out."""
     present = [m for m in metrics if any(m in r["metrics"] for r in records)]
     extra = sorted(
-        {m for r in records for m in r["metrics"] if m.startswith("val/")} - set(present)
+        {m for r in records for m in r["metrics"] if m.startswith(("val/", "eval/"))} - set(present)
     )
     columns = present + extra
     shared = (
@@ -45,16 +46,6 @@ def summary_table(
             ]
         )
     return rows
-
-
-def format_markdown(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 class SweepSummary(Callback):
