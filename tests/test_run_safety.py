@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,14 +100,14 @@ def test_kill_during_a_save_with_tmpdir_elsewhere_keeps_last_whole(tmp_path: Pat
         child.wait(timeout=30)
         checkpoint = torch.load(last, map_location="cpu", weights_only=True)
         assert checkpoint["global_step"] in (1, 2)
-        assert list(staging.iterdir()) == [], "a staged checkpoint leaked into TMPDIR"
+        # (wandb, imported by the training code, makes its own folders in TMPDIR)
+        leaked = [p for p in staging.iterdir() if "wandb" not in p.name]
+        assert leaked == [], "a staged checkpoint leaked into TMPDIR"
         removed = remove_staged(folder)
         assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"], removed
     finally:
         child.kill()
-        for path in staging.iterdir():
-            path.unlink()
-        staging.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- the NaN/inf guard ---------------------------------------------------------------------------
