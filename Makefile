@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/prior_bench.py
 	$(PY) bench/unet_bench.py
 	$(PY) bench/optimizer_bench.py
+	$(PY) bench/embedding_reader_bench.py
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

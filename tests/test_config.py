@@ -108,10 +108,17 @@ def test_wrong_type_is_named() -> None:
         ("upsampler", "+model.sampling.stpes=4", r"model\.sampling\.stpes: no sampler reads"),
         ("prior_ar", "model.sampling.temperature=hot", r"model\.sampling\.temperature"),
         ("clip", "+model.optim.momentum=0.9", r"model\.optim\.momentum: unknown key"),
+        ("prior_ar", "+model.num_componets=3", r"model\.num_componets: unknown key"),
+        ("prior_ar", "model.num_buckets=many", r"model\.num_buckets: expected int"),
+        ("decoder", "~model.image_size", r"model\.image_size: required"),
+        ("upsampler", "+model.resize_mode=nearest", r"model\.resize_mode='nearest'"),
+        ("prior_diffusion", "+model.text_drop_prob=1.0", r"model\.text_drop_prob must be"),
+        ("clip", "+model.max_logit_scale=big", r"model\.max_logit_scale: expected float"),
     ],
 )
 def test_typed_blocks_name_the_bad_key_at_start_up(model: str, override: str, message: str):
-    """Every nested block is read into its dataclass by one function, before anything is built."""
+    """Every nested block, and a stage's top-level settings, are read into their dataclasses by
+    one function, before anything is built."""
     cfg = compose_train([f"model={model}", override])
     with pytest.raises(ConfigError, match=message):
         check_config(cfg, CHECKED_GROUPS)

@@ -417,8 +417,9 @@ def test_paper_config_has_the_papers_numbers_and_size() -> None:
     assert model.sampling.steps == 64 and model.sampling.best_of == 2
     assert model.optim.lr == 1.1e-4 and list(model.optim.betas)[1] == 0.96
     assert model.optim.eps == 1e-6 and model.optim.weight_decay == 6e-2
-    assert model.ema.decay == 0.9999 and model.text_drop_prob == 0.1
+    assert model.ema.decay == 0.9999
     with torch.device("meta"):
         module = instantiate(cfg.model, _convert_="all")
+    assert module.text_drop_prob == 0.1  # DiffusionPriorConfig's default: the YAML is silent
     params = sum(p.numel() for p in module.net.parameters())
     assert 1.2e9 < params < 1.4e9, params

@@ -1,6 +1,7 @@
 """Shards in, batches out: the shard format, safe decoding, rank/worker splitting, the datamodule,
 the writer, the shapes dataset (`python -m unclip.data.shapes`) and the embed tool
-(`python -m unclip.data.embed`).
+(`python -m unclip.data.embed`); clip-retrieval embedding folders (`data=embeddings`) and the tool
+joining them to img2dataset shards (`python -m unclip.data.join`).
 
 Names are imported lazily so that `python -m unclip.data.shapes` does not pay for Lightning.
 """
@@ -12,6 +13,9 @@ from typing import Any
 
 _EXPORTS = {
     "ShardDataModule": "unclip.data.datamodule",
+    "EmbeddingDataModule": "unclip.data.embeddings",
+    "find_partitions": "unclip.data.embedding_folder",
+    "join_shards": "unclip.data.join",
     "ShardSetWriter": "unclip.data.writer",
     "AtomicShardWriter": "unclip.data.writer",
     "encode_sample": "unclip.data.writer",

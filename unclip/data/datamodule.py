@@ -19,6 +19,7 @@ from unclip.data.format import META_FILE, check_fields, read_meta
 from unclip.data.shards import expand_shards, shard_dir, shard_name
 from unclip.data.splitting import RankSplitter
 from unclip.data.streams import Collate, EpochLoader, MaterialisedDataset, ShardStream, materialise
+from unclip.data.values import check_data_values
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,21 @@ class ShardDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
-        for key, value in {
-            "image_size": image_size,
-            "batch_size": batch_size,
-            "val_batch_size": val_batch_size or 1,
-            "train_batches_per_epoch": train_batches_per_epoch or 1,
-        }.items():
-            if value < 1:
-                raise ValueError(f"data.{key} must be at least 1, got {value}")
-        for key, value in {
-            "num_workers": num_workers,
-            "shuffle_buffer": shuffle_buffer,
-            "val_max_samples": val_max_samples,
-            "min_samples_for_abort": min_samples_for_abort,
-        }.items():
-            if value < 0:
-                raise ValueError(f"data.{key} must not be negative, got {value}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        check_data_values(
+            {
+                "image_size": image_size,
+                "batch_size": batch_size,
+                "val_batch_size": val_batch_size or 1,
+                "train_batches_per_epoch": train_batches_per_epoch or 1,
+            },
+            {
+                "num_workers": num_workers,
+                "shuffle_buffer": shuffle_buffer,
+                "val_max_samples": val_max_samples,
+                "min_samples_for_abort": min_samples_for_abort,
+            },
+            max_bad_fraction,
+        )
         self.name = name
         self.train_shards = train_shards
         self.val_shards = val_shards

@@ -28,7 +28,7 @@ from unclip.models.prior_variants import ValVariants, log_prior_variants, varian
 from unclip.models.selection import best_by_dot_product
 from unclip.nn.ar_prior_net import ARPriorNet, ARPriorNetConfig
 from unclip.nn.caption_encoder import CaptionEncoderConfig
-from unclip.training.config_check import build_config
+from unclip.training.config_check import ConfigError, build_config
 from unclip.training.module import UnclipModule
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,37 @@ class ARPriorSampling:
             raise ValueError(f"best_of must be at least 1, got {self.best_of}")
 
 
+@dataclass
+class ARPriorConfig:
+    """The AR prior's top-level `model.<key>` settings; defaults are the paper's where it gives
+    them (appendix C), and conf/model/prior_ar.yaml overrides them for the tiny CPU demo."""
+
+    # CLIP embedding size; must match the shards' meta.json
+    embed_dim: int
+    name: str = "prior_ar"
+    # the tokenizer, fitted once on the first `fit_samples` training samples and kept in the
+    # checkpoint: principal components kept (paper: 319 of 1024, under 1% reconstruction error)
+    num_components: int = 319
+    # quantile buckets per component (paper: 1024)
+    num_buckets: int = 1024
+    # quantile buckets of the dot product z_i . z_t (the paper does not say how many)
+    dot_buckets: int = 16
+    fit_samples: int = 10_000
+    # classifier-free guidance: the caption, z_t and dot product are dropped together this often
+    text_drop_prob: float = 0.1
+    # validation batches that are sampled for val/cosine, val/retrieval_acc (None: all)
+    val_sample_batches: int | None = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.text_drop_prob < 1.0:
+            raise ConfigError(f"model.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
+        if self.fit_samples < 1:
+            raise ConfigError(f"model.fit_samples must be at least 1, got {self.fit_samples}")
+
+
 class ARPriorModule(UnclipModule):
-    """Every argument is a `model.*` config key (conf/model/prior_ar.yaml documents them)."""
+    """`settings`: ARPriorConfig's keys; the blocks fill `config_groups`' dataclasses
+    (conf/model/prior_ar.yaml documents them)."""
 
     data_fields = ["txt", "img_emb", "txt_emb"]
     config_groups: ClassVar[dict[str, type]] = {
@@ -66,42 +95,33 @@ class ARPriorModule(UnclipModule):
         "sampling": ARPriorSampling,
         "val_variants": ValVariants,
     }
+    settings_config = ARPriorConfig
 
     def __init__(
         self,
-        name: str = "prior_ar",
-        embed_dim: int = 64,
-        num_components: int = 32,
-        num_buckets: int = 64,
-        dot_buckets: int = 16,
-        fit_samples: int = 10_000,
         net: dict | None = None,
         text_encoder: dict | None = None,
-        text_drop_prob: float = 0.1,
         sampling: dict | None = None,
-        val_sample_batches: int | None = 1,
         val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__(optim, ema)
-        self.save_hyperparameters()
+        config = self.build_settings(settings)
+        self.save_settings(config)
+        self.name = config.name
+        self.embed_dim = config.embed_dim
+        self.fit_samples = config.fit_samples
+        self.text_drop_prob = config.text_drop_prob
         self.val_variants = variants_config(val_variants, has_steps=False)
-        if not 0.0 <= text_drop_prob < 1.0:
-            raise ValueError(f"model.text_drop_prob must be in [0, 1), got {text_drop_prob}")
-        if fit_samples < 1:
-            raise ValueError(f"model.fit_samples must be at least 1, got {fit_samples}")
-        self.embed_dim = embed_dim
-        self.fit_samples = fit_samples
-        self.text_drop_prob = text_drop_prob
         self.sampling = build_config(ARPriorSampling, sampling, "model.sampling")
-        self.val_sample_batches = val_sample_batches
-        self.tokenizer = EmbeddingTokenizer(embed_dim, num_components, num_buckets, dot_buckets)
+        self.val_sample_batches = config.val_sample_batches
+        codes = (config.num_components, config.num_buckets, config.dot_buckets)
+        self.tokenizer = EmbeddingTokenizer(config.embed_dim, *codes)
         self.net = ARPriorNet(
-            embed_dim,
-            num_components,
-            num_buckets,
-            dot_buckets,
+            config.embed_dim,
+            *codes,
             build_config(ARPriorNetConfig, net, "model.net"),
             caption_encoder=build_caption_encoder(text_encoder, "model.text_encoder"),
         )

@@ -5,6 +5,9 @@ The rest of the stack embeds images and captions with the CLIP trained here and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -19,33 +22,49 @@ from unclip.evaluation.zero_shot import (
 from unclip.training.module import UnclipModule
 
 
+@dataclass
+class ClipConfig:
+    """The CLIP stage's top-level `model.<key>` settings; conf/model/clip.yaml sets them."""
+
+    # any of open_clip.list_models(), or one of conf/clip_arch/*.json
+    model_name: str
+    # an open_clip pretrained tag or a local weights file to start from (None: random init)
+    pretrained: str | None = None
+    name: str = "clip"
+    # CLIP's temperature is clamped to this (as in open_clip's trainer)
+    max_logit_scale: float = 100.0
+
+
 class ClipModule(UnclipModule):
+    """`settings`: ClipConfig's keys. arch: an open_clip architecture registered under
+    `model_name` (kept in the checkpoint); zero_shot: `{template, attributes}` or None."""
+
     data_fields = ["image", "txt", "json"]
+    settings_config = ClipConfig
 
     def __init__(
         self,
-        model_name: str = "unclip-tiny",
-        pretrained: str | None = None,
         arch: dict | None = None,
-        name: str = "clip",
-        max_logit_scale: float = 100.0,
         zero_shot: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__(optim, ema)
+        config = self.build_settings(settings)
+        model_name = config.model_name
         if arch is not None:
             register_arch(model_name, arch)
         elif model_name in open_clip.list_models():
             arch = open_clip.get_model_config(model_name)
-        self.save_hyperparameters()
-        # keep the architecture in the checkpoint so it loads where the config file is absent
-        self.hparams["arch"] = arch
+        # the architecture stays in the checkpoint so it loads where the config file is absent
+        self.save_settings(config)
+        self.name = config.name
         with quiet_random_init():  # from scratch, or weights loaded from a checkpoint next
-            self.net = open_clip.create_model(model_name, pretrained=pretrained)
+            self.net = open_clip.create_model(model_name, pretrained=config.pretrained)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.output_dim = int(self.net.text_projection.shape[-1])
-        self.max_logit_scale = max_logit_scale
+        self.max_logit_scale = config.max_logit_scale
         self.zero_shot = zero_shot
         self.init_ema()
 

@@ -61,16 +61,25 @@ def guidance_drops(
     return draws[0] < image_drop_prob, draws[1] < caption_drop_prob
 
 
-class DecoderModule(DiffusionStage):
-    """Every argument is a `model.*` config key.
+@dataclass
+class DecoderConfig:
+    """The decoder's top-level `model.<key>` settings; conf/model/decoder*.yaml set them."""
 
-    embed_dim: size of the CLIP image embeddings (checked against the shards' meta.json).
-    image_size: side of the generated images; the data must be resized to it (data.image_size).
+    # size of the CLIP image embeddings (checked against the shards' meta.json)
+    embed_dim: int
+    # side of the generated images (paper: 64); the data must be resized to it (data.image_size)
+    image_size: int
+    name: str = "decoder"
+    # seeds the timesteps and noise of the validation loss, so it is comparable across validations
+    val_seed: int = 0
+
+
+class DecoderModule(DiffusionStage):
+    """`settings`: DecoderConfig's keys. The blocks:
+
     net: DecoderNetConfig (unet, text, num_image_tokens, ...); the UNet's channels and size follow
     from the rest. diffusion: DiffusionConfig. guidance: GuidanceDrops.
     sampling: DecoderSampling plus the sampler's settings: the defaults of `sample`.
-    val_seed: seeds the timesteps and noise of the validation loss, so it is comparable across
-    validations.
     """
 
     data_fields = ["image", "txt", "img_emb"]
@@ -80,25 +89,24 @@ class DecoderModule(DiffusionStage):
         "net": DecoderNetConfig,
         "guidance": GuidanceDrops,
     }
+    settings_config = DecoderConfig
 
     def __init__(
         self,
-        name: str = "decoder",
-        embed_dim: int = 64,
-        image_size: int = 64,
         net: dict | None = None,
         diffusion: dict | None = None,
         guidance: dict | None = None,
         sampling: dict | None = None,
-        val_seed: int = 0,
         optim: dict | None = None,
         ema: dict | None = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(optim, ema, diffusion, sampling, val_seed)
-        self.save_hyperparameters()
-        self.name = name
-        self.embed_dim = int(embed_dim)
-        self.image_size = int(image_size)
+        config = self.build_settings(settings)
+        super().__init__(optim, ema, diffusion, sampling, config.val_seed)
+        self.save_settings(config)
+        self.name = config.name
+        self.embed_dim = int(config.embed_dim)
+        self.image_size = int(config.image_size)
         self.channels = 3
         self.guidance = build_config(GuidanceDrops, guidance, "model.guidance")
         net_config = build_config(DecoderNetConfig, net, "model.net")

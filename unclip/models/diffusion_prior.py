@@ -31,7 +31,12 @@ from unclip.training.config_check import ConfigError, build_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiffusionPriorModule", "DiffusionPriorSampling", "best_by_dot_product"]
+__all__ = [
+    "DiffusionPriorConfig",
+    "DiffusionPriorModule",
+    "DiffusionPriorSampling",
+    "best_by_dot_product",
+]
 
 
 @dataclass
@@ -62,25 +67,54 @@ NULL_CONDITIONS = ("learned", "empty_caption")
 NO_CAPTION = ""
 
 
-class DiffusionPriorModule(DiffusionStage):
-    """Every argument is a `model.*` config key:
+@dataclass
+class DiffusionPriorConfig:
+    """The diffusion prior's top-level `model.<key>` settings (the paper's values);
+    conf/model/prior_diffusion*.yaml override them."""
 
-    embed_dim: CLIP embedding size (checked against the shards' meta.json at start-up).
+    # CLIP embedding size (checked against the shards' meta.json at start-up)
+    embed_dim: int
+    name: str = "prior_diffusion"
+    # how often the caption and z_t are replaced by learned nulls in training (paper: 10%)
+    text_drop_prob: float = 0.1
+    # L2-normalise sampled embeddings, like the embed tool's shards
+    unit_norm_output: bool = True
+    # seed of the validation noise, so validation metrics are comparable across steps
+    val_seed: int = 0
+    # sphere: z_t rescaled to radius sqrt(d); raw: as the shards hold it (Karlo)
+    text_embedding: str = "sphere"
+    # the unconditional input of guidance and the training drops: learned nulls, or
+    # empty_caption (CLIP's encoding of "": caption states and text embedding; Karlo, needs
+    # text_encoder.mode=clip)
+    null_condition: str = "learned"
+
+    def __post_init__(self) -> None:
+        if self.text_embedding not in TEXT_EMBEDDINGS:
+            raise ConfigError(
+                f"model.text_embedding={self.text_embedding!r}: choose one of {TEXT_EMBEDDINGS}"
+            )
+        if self.null_condition not in NULL_CONDITIONS:
+            raise ConfigError(
+                f"model.null_condition={self.null_condition!r}: choose one of {NULL_CONDITIONS}"
+            )
+        if self.embed_dim < 1:
+            raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
+        if not 0.0 <= self.text_drop_prob < 1.0:
+            raise ConfigError(f"model.text_drop_prob must be in [0, 1), got {self.text_drop_prob}")
+
+
+class DiffusionPriorModule(DiffusionStage):
+    """`settings`: DiffusionPriorConfig's keys. The blocks:
+
     net: DiffusionPriorNetConfig. text_encoder: CaptionEncoderConfig, mode "own" (trained with
         the prior) or "clip" (frozen token states of the CLIP named by `clip`, a load_clip spec).
     diffusion: schedule, num_timesteps, loss weighting (the prediction is always x0, as in the
         paper). normalization: EmbeddingNormConfig, kind "standardize" (per-dimension statistics
         of the first `max_samples` training embeddings, fitted once and saved in the checkpoint)
         or "l2" (z/|z| * sqrt(d)).
-    text_drop_prob: how often the caption and z_t are replaced by learned nulls in training.
     sampling: DiffusionPriorSampling plus the sampler's settings.
-    unit_norm_output: L2-normalise sampled embeddings, like the embed tool's shards.
-    val_seed: seed of the validation noise, so validation metrics are comparable across steps.
     val_variants: {steps: [...], weights: [ema, online]}: the validation metric set again at these
         sampling step counts for these weights (first validation batch), `val/ema/steps16/cosine`.
-    text_embedding: "sphere" (z_t rescaled to radius sqrt(d)) or "raw" (as given; Karlo).
-    null_condition: "learned" nulls or "empty_caption" (the CLIP encoding of "", caption states and
-        text embedding; Karlo); both for the training drops and for guidance.
     """
 
     data_fields = ["txt", "img_emb", "txt_emb"]
@@ -92,46 +126,30 @@ class DiffusionPriorModule(DiffusionStage):
         "normalization": EmbeddingNormConfig,
         "val_variants": ValVariants,
     }
+    settings_config = DiffusionPriorConfig
 
     def __init__(
         self,
-        embed_dim: int = 64,
-        name: str = "prior_diffusion",
         net: dict | None = None,
         text_encoder: dict | None = None,
         diffusion: dict | None = None,
         normalization: dict | None = None,
-        text_drop_prob: float = 0.1,
         sampling: dict | None = None,
-        unit_norm_output: bool = True,
-        val_seed: int = 0,
         val_variants: dict | None = None,
         optim: dict | None = None,
         ema: dict | None = None,
-        text_embedding: str = "sphere",
-        null_condition: str = "learned",
+        **settings: Any,
     ) -> None:
-        super().__init__(optim, ema, diffusion, sampling, val_seed)
-        self.save_hyperparameters()
+        config = self.build_settings(settings)
+        super().__init__(optim, ema, diffusion, sampling, config.val_seed)
+        self.save_settings(config)
         self.val_variants = variants_config(val_variants, has_steps=True)
-        if text_embedding not in TEXT_EMBEDDINGS:
-            raise ValueError(
-                f"model.text_embedding={text_embedding!r}: choose one of {TEXT_EMBEDDINGS}"
-            )
-        if null_condition not in NULL_CONDITIONS:
-            raise ValueError(
-                f"model.null_condition={null_condition!r}: choose one of {NULL_CONDITIONS}"
-            )
-        self.text_embedding = text_embedding
-        self.null_condition = null_condition
-        if embed_dim < 1:
-            raise ValueError(f"model.embed_dim must be positive, got {embed_dim}")
-        if not 0.0 <= text_drop_prob < 1.0:
-            raise ValueError(f"model.text_drop_prob must be in [0, 1), got {text_drop_prob}")
-        self.name = name
-        self.embed_dim = int(embed_dim)
-        self.text_drop_prob = float(text_drop_prob)
-        self.unit_norm_output = bool(unit_norm_output)
+        self.text_embedding = config.text_embedding
+        self.null_condition = config.null_condition
+        self.name = config.name
+        self.embed_dim = int(config.embed_dim)
+        self.text_drop_prob = float(config.text_drop_prob)
+        self.unit_norm_output = bool(config.unit_norm_output)
         norm_cfg = build_config(EmbeddingNormConfig, normalization, "model.normalization")
         self.stats_samples = int(norm_cfg.max_samples)
         self.embedding_norm = EmbeddingNorm(norm_cfg.kind, self.embed_dim, norm_cfg.eps)
@@ -140,7 +158,7 @@ class DiffusionPriorModule(DiffusionStage):
             build_config(DiffusionPriorNetConfig, net, "model.net"),
             caption_encoder=build_caption_encoder(text_encoder, "model.text_encoder"),
         )
-        if null_condition == "empty_caption" and self.net.caption_encoder.clip_model is None:
+        if self.null_condition == "empty_caption" and self.net.caption_encoder.clip_model is None:
             raise ValueError(
                 "model.null_condition=empty_caption encodes the empty caption with the CLIP: "
                 "set model.text_encoder.mode=clip"

@@ -82,30 +82,61 @@ def conditioned(net: torch.nn.Module, cond: torch.Tensor) -> Callable:
     return model_fn
 
 
+@dataclass
+class UpsamplerConfig:
+    """An upsampler's top-level `model.<key>` settings (the paper's where it gives them);
+    conf/model/upsampler*.yaml set the sizes and override the rest."""
+
+    # the target side; the data must be at it (data.image_size)
+    image_size: int
+    # what upsample() takes: the previous stage's resolution
+    low_res_size: int
+    name: str = "upsampler"
+    # training crops: this fraction of image_size on a side (paper: a quarter)
+    crop_fraction: float = 0.25
+    # bicubic | bilinear: shrinks the training images (anti-aliased), resizes the conditioning up
+    resize_mode: str = "bicubic"
+    # diffuse the difference from the resized low-resolution image (not the paper's)
+    residual: bool = False
+    # lift the low-resolution image with PyTorch's anti-aliased kernel and no clamp, as
+    # diffusers' UnCLIP pipeline (and so Karlo's released upsampler) does; the lifts differ by
+    # up to 0.17
+    lift_antialias: bool = False
+    # images upsampled at each validation and scored (val/sample_mse, val/resize_mse); 0: skip
+    val_samples: int = 8
+    # seeds the validation crops, corruption and noise, and the sampling noise of validation
+    val_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low_res_size < self.image_size:
+            raise ConfigError(
+                f"model.low_res_size ({self.low_res_size}) must be positive and below "
+                f"model.image_size ({self.image_size})"
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(
+                f"model.resize_mode={self.resize_mode!r}: choose one of {RESIZE_MODES}"
+            )
+        if not 0 < self.crop_fraction <= 1:
+            raise ConfigError(f"model.crop_fraction must be in (0, 1], got {self.crop_fraction}")
+
+
 class UpsamplerModule(DiffusionStage):
-    """`low_res_size` -> `image_size`. Every argument is a `model.*` config key:
+    """`low_res_size` -> `image_size`. `settings`: UpsamplerConfig's keys. The blocks:
 
     unet: UNetConfig (model_channels, channel_mult, num_res_blocks, dropout, ...), no attention:
     the network's inputs (noisy image + conditioning image) and size follow from the rest.
     diffusion: DiffusionConfig. degradation: `{kind: gaussian_blur | bsr, ...}` or null.
-    crop_fraction: the side of the training crops as a fraction of `image_size` (paper: 0.25).
-    resize_mode: the kernel that makes the low-resolution image (anti-aliased) and resizes it back
-    up as conditioning. sampling: the sampler and its settings, the defaults of `upsample`.
-    residual: diffuse
-    the difference from the resized low-resolution image instead of the image (not the paper's;
-    a fresh network then upsamples like plain resizing, which a tiny model improves on quickly).
-    lift_antialias: resize the low-resolution image up with PyTorch's anti-aliased kernel and no
-    clamp, as diffusers' UnCLIP pipeline (and so Karlo's released upsampler) does; the two lifts
-    differ by up to 0.17.
-    val_samples: images upsampled on the first validation batch and scored against the truth and
-    against plain resizing (val/sample_mse, val/resize_mse); 0 to skip. val_seed: seeds the
-    validation crops, corruption and noise, and the sampling noise of validation and grids.
+    sampling: the sampler and its settings, the defaults of `upsample`.
+    With `residual` a fresh network upsamples like plain resizing, which a tiny model improves
+    on quickly; val_samples are scored against the truth and against plain resizing.
     """
 
     data_fields = ["image"]
     embed_dim = None
     sampling_config = UpsamplerSampling
     config_groups: ClassVar[dict[str, type]] = {**DiffusionStage.config_groups, "unet": UNetConfig}
+    settings_config = UpsamplerConfig
 
     @classmethod
     def validate_config(cls, cfg: dict[str, Any], where: str = "model") -> None:
@@ -114,41 +145,25 @@ class UpsamplerModule(DiffusionStage):
 
     def __init__(
         self,
-        name: str = "upsampler",
-        image_size: int = 64,
-        low_res_size: int = 32,
-        crop_fraction: float = 0.25,
-        resize_mode: str = "bicubic",
         unet: dict | None = None,
         diffusion: dict | None = None,
         degradation: dict | None = None,
         sampling: dict | None = None,
-        residual: bool = False,
-        lift_antialias: bool = False,
-        val_samples: int = 8,
-        val_seed: int = 0,
         optim: dict | None = None,
         ema: dict | None = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(optim, ema, diffusion, sampling, val_seed)
-        self.save_hyperparameters()
-        if not 0 < low_res_size < image_size:
-            raise ValueError(
-                f"model.low_res_size ({low_res_size}) must be positive and below "
-                f"model.image_size ({image_size})"
-            )
-        if resize_mode not in RESIZE_MODES:
-            raise ValueError(f"model.resize_mode={resize_mode!r}: choose one of {RESIZE_MODES}")
-        if not 0 < crop_fraction <= 1:
-            raise ValueError(f"model.crop_fraction must be in (0, 1], got {crop_fraction}")
-        self.name = name
-        self.image_size = int(image_size)
-        self.low_res_size = int(low_res_size)
-        self.crop_size = round(image_size * crop_fraction)
-        self.resize_mode = resize_mode
-        self.residual = bool(residual)
-        self.lift_antialias = bool(lift_antialias)
-        self.val_samples = int(val_samples)
+        config = self.build_settings(settings)
+        super().__init__(optim, ema, diffusion, sampling, config.val_seed)
+        self.save_settings(config)
+        self.name = config.name
+        self.image_size = int(config.image_size)
+        self.low_res_size = int(config.low_res_size)
+        self.crop_size = round(config.image_size * config.crop_fraction)
+        self.resize_mode = config.resize_mode
+        self.residual = bool(config.residual)
+        self.lift_antialias = bool(config.lift_antialias)
+        self.val_samples = int(config.val_samples)
         self.net = self._build_unet(unet)
         self.degradation = build_degradation(degradation)
         self.init_ema()

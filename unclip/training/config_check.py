@@ -27,19 +27,31 @@ class ConfigError(ValueError):
 T = TypeVar("T")
 
 
-def build_config(cls: type[T], given: Mapping[str, Any] | T | None, where: str) -> T:
+def build_config(
+    cls: type[T],
+    given: Mapping[str, Any] | T | None,
+    where: str,
+    also_known: set[str] | frozenset[str] = frozenset(),
+) -> T:
     """The dataclass `cls` from a config block: its defaults, overridden by `given`. An unknown
-    key or a value of the wrong type fails naming `where.key`; nested dataclass fields are built
-    from nested blocks the same way. Checkpoints keep `given` (plain containers), not the result."""
+    key, a value of the wrong type or a required field left out fails naming `where.key`
+    (`also_known`: other keys of the block, listed in the message); nested dataclass fields are
+    built from nested blocks the same way. Checkpoints keep plain containers, never the result."""
     if isinstance(given, cls):
         return given
     if given is not None and not isinstance(given, Mapping):
         raise ConfigError(f"{where}: expected a mapping of settings, got {given!r}")
     given = dict(given or {})
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     unknown = sorted(set(given) - set(names))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key; known under {where}: {names}")
+        known = sorted({*names, *also_known})
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; known under {where}: {known}")
+    for field in fields:
+        required = field.default is dataclasses.MISSING
+        if required and field.default_factory is dataclasses.MISSING and field.name not in given:
+            raise ConfigError(f"{where}.{field.name}: required, not set")
     hints = typing.get_type_hints(cls)
     return cls(**{key: _typed(value, hints[key], f"{where}.{key}") for key, value in given.items()})
 

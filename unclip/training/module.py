@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -64,14 +65,16 @@ class EMAConfig:
 class UnclipModule(L.LightningModule):
     """Subclasses build `self.net` (the trained nn.Module) and call `self.init_ema()` after it.
 
-    `config_groups` maps a stage's nested config blocks to the dataclasses they fill, so
-    `validate_config` (run by train.py before anything is built) and the stage itself read them
-    the same way."""
+    `config_groups` maps a stage's nested config blocks to the dataclasses they fill, and
+    `settings_config` is the dataclass of its top-level scalar settings (`model.<key>`, taken as
+    `**settings`): both the only place their defaults live, so `validate_config` (run by train.py
+    before anything is built) and the stage itself read them the same way."""
 
     data_fields: list[str] = []
     embed_dim: int | None = None  # the CLIP embedding size the stage consumes
     net: nn.Module
     config_groups: ClassVar[dict[str, type]] = {"optim": OptimConfig, "ema": EMAConfig}
+    settings_config: ClassVar[type | None] = None
 
     def __init__(self, optim: dict | None = None, ema: dict | None = None) -> None:
         super().__init__()
@@ -86,6 +89,35 @@ class UnclipModule(L.LightningModule):
         for group, config in cls.config_groups.items():
             if cfg.get(group) is not None:
                 build_config(config, cfg[group], f"{where}.{group}")
+        if cls.settings_config is not None:
+            cls.build_settings(cls.scalar_settings(cfg), where)
+
+    @classmethod
+    def block_names(cls) -> set[str]:
+        """The constructor's named arguments: the nested blocks; the rest are scalar settings."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self"}
+
+    @classmethod
+    def scalar_settings(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The keys of a `model` block that `settings_config` holds (what `**settings` gets)."""
+        blocks = cls.block_names()
+        return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in blocks}
+
+    @classmethod
+    def build_settings(cls, settings: Mapping[str, Any], where: str = "model") -> Any:
+        """`settings_config` from the scalar `model.<key>` settings: its defaults, overridden."""
+        return build_config(cls.settings_config, settings, where, also_known=cls.block_names())
+
+    def save_settings(self, settings: Any) -> None:
+        """Checkpoint the effective scalar settings (a later change of a default does not move
+        an old checkpoint) beside the nested blocks as the constructor holds them: plain
+        containers, `weights_only` loading, and `cls(**hparams)` rebuilds the stage. Called
+        from the stage's `__init__`, whose blocks it reads (as Lightning's
+        `save_hyperparameters` reads its arguments)."""
+        caller = inspect.currentframe().f_back.f_locals
+        blocks = {name: caller[name] for name in self.block_names()}
+        self.save_hyperparameters({**dataclasses.asdict(settings), **blocks})
 
     def generator(self, seed: int) -> torch.Generator:
         """Where random generators live: on the module's device (the AR prior draws codes there),
