@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,10 +64,24 @@ class ShardReport(Protocol):
     def shard_done(self, url: str, samples: int, expected: int | None, failed: bool) -> None: ...
 
 
+class HandlerReport:
+    """A plain webdataset-style handler (`error -> carry on?`) as a ShardReport."""
+
+    def __init__(self, handler: Callable[[Exception], bool]) -> None:
+        self.handler = handler
+
+    def shard_error(self, url: str, error: Exception) -> None:
+        if not self.handler(error):
+            raise error
+
+    def shard_done(self, url: str, samples: int, expected: int | None, failed: bool) -> None:
+        pass
+
+
 def raw_samples(
     shards: Iterable[dict[str, Any]],
     fields: Iterable[str],
-    report: ShardReport,
+    report: ShardReport | Callable[[Exception], bool],
     expected: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples as dicts of raw bytes holding only the members of `fields` (plus `__key__` and
@@ -80,6 +94,8 @@ def raw_samples(
     shard dict may carry `range: (a, b)` (keep samples a..b-1) and `every: (n, i)` (keep those
     whose index is i modulo n): streams sharing a shard each keep their own samples."""
     selector = FileSelector(fields)
+    if not hasattr(report, "shard_error"):
+        report = HandlerReport(report)
     for shard in shards:
         url = shard["url"]
         first, stop = shard.get("range", (0, None))
