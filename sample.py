@@ -12,11 +12,13 @@ import hydra
 from omegaconf import DictConfig
 
 from unclip.sampling.run import sample
+from unclip.training.errors import reported_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    with reported_errors():  # one line per user error; HYDRA_FULL_ERROR=1: traceback
+        sample(cfg)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ python train.py -m model=prior_diffusion,prior_ar data=shapes_emb
 import hydra
 from omegaconf import DictConfig
 
+from unclip.training.errors import reported_errors
 from unclip.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with reported_errors():  # one line per user error; HYDRA_FULL_ERROR=1: traceback
+        metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
 

@@ -168,7 +168,7 @@ def test_fsdp_strategy_instantiates_its_wrap_policy() -> None:
     cfg = compose_train(["strategy=fsdp", "strategy.activation_checkpointing=true"])
     assert cfg.trainer.precision == "bf16-mixed"
     strategy = instantiate(cfg.strategy, _convert_="all")
-    wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
+    wrapped = strategy.kwargs["auto_wrap_policy"].classes  # UnitPolicy: blocks + marked modules
     checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
     assert TransformerBlock in wrapped
     assert TransformerBlock in checkpointed

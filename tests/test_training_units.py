@@ -61,7 +61,11 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch) -> None:
         project="p", name="run/with spaces", save_dir=str(tmp_path), log_model=True
     )
     assert logger._offline
-    assert logger._wandb_init["id"] == "run-with-spaces"
+    # the id is made once per run directory and read back (a resumed run continues it)
+    assert logger._wandb_init["id"] == (tmp_path / "wandb_id").read_text().strip()
+    again = wandb_logger(project="p", name="run/with spaces", save_dir=str(tmp_path))
+    other = wandb_logger(project="p", name="run/with spaces", save_dir=str(tmp_path / "other"))
+    assert again._wandb_init["id"] == logger._wandb_init["id"] != other._wandb_init["id"]
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_credentials_available()
 

@@ -16,9 +16,16 @@ from torch.utils.data import DataLoader
 
 from unclip.data.decoding import SampleDecoder, SkipTracker
 from unclip.data.format import META_FILE, check_fields, read_meta
-from unclip.data.shards import expand_shards, shard_dir
+from unclip.data.shards import expand_shards, shard_dir, shard_name
 from unclip.data.splitting import RankSplitter
-from unclip.data.streams import Collate, EpochLoader, MaterialisedDataset, ShardStream, materialise
+from unclip.data.streams import (
+    Collate,
+    EpochLoader,
+    MaterialisedDataset,
+    ShardStream,
+    as_is,
+    materialise,
+)
 from unclip.data.values import check_data_values
 
 log = logging.getLogger(__name__)
@@ -86,6 +93,7 @@ class ShardDataModule(L.LightningDataModule):
         self._expected_dim: int | None = None
         self._meta: dict[str, Any] | None = None
         self._meta_file: Path | None = None
+        self._startup_skipped = 0  # bad samples met while reading validation and statistics data
 
     # ---- the sidecar -----------------------------------------------------------------------
     @property
@@ -115,6 +123,26 @@ class ShardDataModule(L.LightningDataModule):
         """The CLIP embedding size recorded in meta.json; None when there is no sidecar."""
         meta = self.meta
         return None if meta is None or meta.get("embed_dim") is None else int(meta["embed_dim"])
+
+    def shard_sizes(self, urls: list[str]) -> dict[str, int] | None:
+        """Samples per shard file name, from meta.json's `splits.*.shards.*.samples` (what the
+        embed tool records), when it knows every shard of `urls`; else None."""
+        sizes = {
+            name: int(entry["samples"])
+            for split in ((self.meta or {}).get("splits") or {}).values()
+            if isinstance(split, dict)
+            for name, entry in (split.get("shards") or {}).items()
+            if isinstance(entry, dict) and isinstance(entry.get("samples"), int)
+        }
+        if sizes and all(shard_name(url) in sizes for url in urls):
+            return sizes
+        return None
+
+    def take_startup_skipped(self) -> int:
+        """Bad samples met outside the training stream (validation, statistics) since the last
+        call. Every rank reads the same ones, so only one rank should add them to a total."""
+        count, self._startup_skipped = self._startup_skipped, 0
+        return count
 
     def check_embed_dim(self, expected: int, config_key: str) -> None:
         """Fail at start-up, naming both sides, when the shards were embedded by a CLIP of another
@@ -149,8 +177,17 @@ class ShardDataModule(L.LightningDataModule):
         if self.splitter is None:
             self.setup("fit")
         trainer = getattr(self, "trainer", None)
+        urls = self._train_urls()
+        sizes = self.shard_sizes(urls)
+        if sizes is None and self.splitter.rank == 0:
+            log.warning(
+                "data.train_shards: no per-shard sample counts in %s; shards are drawn uniformly "
+                "from shares split by position, so with uneven shard sizes some samples are seen "
+                "more often than others (the embed tool writes the counts)",
+                self.meta_file or "a meta.json beside them",
+            )
         stream = ShardStream(
-            self._train_urls(),
+            urls,
             self.splitter,
             self._decoder(),
             batch_size=self.batch_size,
@@ -161,10 +198,12 @@ class ShardDataModule(L.LightningDataModule):
             min_samples_for_abort=self.min_samples_for_abort,
             source=f"data.train_shards={self.train_shards!r}",
             batches_per_epoch=self.train_batches_per_epoch,
+            shard_sizes=sizes,
         )
         return EpochLoader(
             stream,
             batch_size=None,
+            collate_fn=as_is,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -192,7 +231,9 @@ class ShardDataModule(L.LightningDataModule):
         source = f"data.train_shards={self.train_shards!r}"
         tracker = SkipTracker(source, self.max_bad_fraction, self.min_samples_for_abort)
         decoder = self._decoder()
-        samples = materialise(self._train_urls(), decoder, max_samples, tracker)
+        urls = self._train_urls()
+        samples = materialise(urls, decoder, max_samples, tracker, self.shard_sizes(urls))
+        self._startup_skipped += tracker.bad
         if not samples:
             raise ValueError(f"{source}: no usable samples to fit statistics on")
         return DataLoader(
@@ -219,7 +260,8 @@ class ShardDataModule(L.LightningDataModule):
         urls = expand_shards(self.val_shards, "data.val_shards")
         tracker = SkipTracker(source, self.max_bad_fraction, self.min_samples_for_abort)
         decoder = self._decoder()
-        samples = materialise(urls, decoder, self.val_max_samples, tracker)
+        samples = materialise(urls, decoder, self.val_max_samples, tracker, self.shard_sizes(urls))
+        self._startup_skipped += tracker.bad
         usable = len(samples) - len(samples) % world_size
         if usable == 0:
             raise ValueError(f"{source}: {len(samples)} usable samples for {world_size} ranks")

@@ -79,7 +79,7 @@ class ShardEmbedder:
     def __call__(self, url: str, path: Path) -> int:
         pending: list[tuple[dict[str, Any], Image.Image, str]] = []
         with AtomicShardWriter(path, embed_dtype=self.dtype) as writer:
-            for raw in raw_samples(in_order([url]), READ_FIELDS, self.tracker.handler):
+            for raw in raw_samples(in_order([url]), READ_FIELDS, self.tracker):
                 item = self._read(raw)
                 if item is None:
                     continue

@@ -244,12 +244,6 @@ def first_rows(
     return keys, captions, img, txt
 
 
-def as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    """The DataLoader's `collate_fn` for ready-made batches: its default (`default_convert`)
-    walks every key and caption of every batch, which cost more than reading the rows."""
-    return batch
-
-
 class EmbeddingStream(IterableDataset):
     """One rank's endless stream of full batches; see the module docstring for the row order.
 

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from unclip.data.decoding import SkipTracker
 from unclip.data.embedding_folder import Partition, find_partitions
-from unclip.data.embedding_stream import EmbeddingStream, Piece, as_is, first_rows
+from unclip.data.embedding_stream import EmbeddingStream, Piece, first_rows
 from unclip.data.format import check_fields
-from unclip.data.streams import Collate
+from unclip.data.streams import Collate, as_is
 from unclip.data.values import check_data_values
 
 log = logging.getLogger(__name__)

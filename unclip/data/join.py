@@ -150,7 +150,7 @@ def join_shards(
             name = f"{split_name}-{number:06d}.tar"
             bad_before, written = tracker.bad, 0
             with AtomicShardWriter(out / name, embed_dtype=partitions[0].dtype) as writer:
-                for raw in raw_samples(in_order([url]), READ_FIELDS, tracker.handler):
+                for raw in raw_samples(in_order([url]), READ_FIELDS, tracker):
                     key = raw["__key__"]
                     if key in seen:
                         duplicate_shard_keys[key] = duplicate_shard_keys[key] or [seen[key]]

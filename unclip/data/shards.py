@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from webdataset.shardlists import expand_urls
 
@@ -56,16 +56,87 @@ def shard_dir(urls: Sequence[str]) -> Path | None:
     return None if is_remote(urls[0]) else local_path(urls[0]).parent
 
 
+class ShardReport(Protocol):
+    """What raw_samples tells about each shard it reads (SkipTracker implements it)."""
+
+    def shard_error(self, url: str, error: Exception) -> None: ...
+
+    def shard_done(self, url: str, samples: int, expected: int | None, failed: bool) -> None: ...
+
+
+class HandlerReport:
+    """A plain webdataset-style handler (`error -> carry on?`) as a ShardReport."""
+
+    def __init__(self, handler: Callable[[Exception], bool]) -> None:
+        self.handler = handler
+
+    def shard_error(self, url: str, error: Exception) -> None:
+        if not self.handler(error):
+            raise error
+
+    def shard_done(self, url: str, samples: int, expected: int | None, failed: bool) -> None:
+        pass
+
+
 def raw_samples(
-    shards: Iterable[dict[str, str]],
+    shards: Iterable[dict[str, Any]],
     fields: Iterable[str],
-    handler: Callable[[Exception], bool],
+    report: ShardReport | Callable[[Exception], bool],
+    expected: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples as dicts of raw bytes holding only the members of `fields` (plus `__key__` and
-    `__url__`): other members are never read, so no decoder ever sees them."""
+    `__url__`): other members are never read, so no decoder ever sees them.
+
+    Shards are read one at a time, so every error is reported with its shard's URL and each shard's
+    sample count can be held to `expected` (meta.json's, by file name) once it is read to its end.
+    After a read error the shard's last sample is dropped when it lacks members the first one has:
+    it is the one the error cut short. A
+    shard dict may carry `range: (a, b)` (keep samples a..b-1) and `every: (n, i)` (keep those
+    whose index is i modulo n): streams sharing a shard each keep their own samples."""
     selector = FileSelector(fields)
+    if not hasattr(report, "shard_error"):
+        report = HandlerReport(report)
     for shard in shards:
-        yield from tar_samples(shard["url"], handler, selector)
+        url = shard["url"]
+        first, stop = shard.get("range", (0, None))
+        stride, offset = shard.get("every", (1, 0))
+
+        def wanted(index: int, first: int = first, stride: int = stride, offset: int = offset):
+            return index >= first and index % stride == offset
+
+        errors: list[Exception] = []
+
+        def handler(error: Exception, url: str = url, errors: list = errors) -> bool:
+            errors.append(error)
+            report.shard_error(url, error)
+            return True
+
+        count, previous, to_end, first_members = 0, None, True, None
+        for sample in tar_samples(url, handler, selector):
+            first_members = first_members or members(sample)
+            if previous is not None and wanted(count - 1):
+                yield previous
+            previous = sample
+            count += 1
+            if stop is not None and count > stop:
+                previous, to_end = None, False  # past this stream's range: stop reading
+                break
+        if previous is not None and errors and members(previous) != first_members:
+            previous, count = None, count - 1  # the sample the error cut short
+        if previous is not None and wanted(count - 1):
+            yield previous
+        if not to_end:
+            continue
+        report.shard_done(url, count, (expected or {}).get(shard_name(url)), bool(errors))
+
+
+def members(sample: dict[str, Any]) -> frozenset[str]:
+    return frozenset(k for k in sample if not k.startswith("__"))
+
+
+def shard_name(url: str) -> str:
+    """The file name of a shard URL: how meta.json names it."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def in_order(urls: Iterable[str]) -> Iterator[dict[str, str]]:

@@ -11,7 +11,7 @@ map-style dataset so Lightning's distributed sampler gives each rank its own sha
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -20,8 +20,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from unclip.data.decoding import BadSample, DataError, SampleDecoder, SkipTracker
-from unclip.data.shards import in_order, raw_samples
-from unclip.data.splitting import RankSplitter, resampled_shards, split_by_worker, worker_info
+from unclip.data.shards import in_order, raw_samples, shard_name
+from unclip.data.splitting import (
+    RankSplitter,
+    contiguous_share,
+    resampled_shards,
+    sample_share,
+    split_by_worker,
+    worker_info,
+)
 
 TENSOR_FIELDS = frozenset({"image", "img_emb", "txt_emb"})
 # Resampled shard draws without a single sample or error, per shard, before the stream gives up:
@@ -29,6 +36,12 @@ TENSOR_FIELDS = frozenset({"image", "img_emb", "txt_emb"})
 EMPTY_DRAWS_PER_SHARD = 20
 # Samples held before the shuffle buffer yields its first one (webdataset's default).
 SHUFFLE_INITIAL = 100
+
+
+def as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's `collate_fn` for ready-made batches: its default (`default_convert`)
+    walks every key and caption of every batch, which cost more than reading the rows."""
+    return batch
 
 
 class Collate:
@@ -99,10 +112,14 @@ class ShardStream(IterableDataset):
         min_samples_for_abort: int,
         source: str,
         batches_per_epoch: int | None = None,
+        shard_sizes: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.splitter = splitter
-        self.urls = splitter(urls)
+        self.all_urls = list(urls)
+        # samples per shard file name (meta.json): equal shares of samples, truncation checks
+        self.shard_sizes = dict(shard_sizes) if shard_sizes else None
+        self.urls = self.all_urls if self.shard_sizes else splitter(urls)
         self.decoder = decoder
         self.collate = Collate(decoder.fields)
         self.batch_size = batch_size
@@ -133,14 +150,39 @@ class ShardStream(IterableDataset):
         )
         return random.Random("/".join(map(str, parts)))
 
+    def shards_of(self, worker: int, num_workers: int) -> list[dict[str, Any]]:
+        """The shards (or pieces of shards) one worker of this rank reads. With known sizes, an
+        equal share of all samples (`contiguous_share`); else a strided share of the shards,
+        streams that must share shards (fewer than ranks or workers) keeping every n-th sample."""
+        rank, world = self.splitter.rank, self.splitter.world_size
+        if self.shard_sizes:
+            sizes = [self.shard_sizes[shard_name(url)] for url in self.all_urls]
+            return contiguous_share(
+                self.all_urls, sizes, rank * num_workers + worker, world * num_workers
+            )
+        every = sample_share(
+            rank if len(self.all_urls) < world else None,
+            world,
+            worker if len(self.urls) < num_workers else None,
+            num_workers,
+        )
+        return [
+            {"url": url, "every": every} for url in split_by_worker(self.urls, worker, num_workers)
+        ]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = worker_info()
+        yield from self.iterate(*worker_info())
+
+    def iterate(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """The batches of one DataLoader worker (`__iter__` asks torch which one it is)."""
         rng = self.rng(worker)
         self._iterations += 1
-        urls = split_by_worker(self.urls, worker, num_workers)
+        pieces = self.shards_of(worker, num_workers)
         tracker = SkipTracker(self.source, self.max_bad_fraction, self.min_samples_for_abort)
-        shards = self._give_up_when_empty(resampled_shards(urls, rng), tracker, len(urls))
-        raws = self._count(raw_samples(shards, self.decoder.fields, tracker.handler), tracker)
+        shards = self._give_up_when_empty(resampled_shards(pieces, rng), tracker, len(pieces))
+        raws = self._count(
+            raw_samples(shards, self.decoder.fields, tracker, self.shard_sizes), tracker
+        )
         # shuffle raw bytes, not decoded pixels: the buffer stays small
         samples = decoded(shuffled(raws, self.shuffle_buffer, rng), self.decoder, tracker)
         yield from batched(samples, self.batch_size, self.collate, tracker)
@@ -180,13 +222,17 @@ class EpochLoader(DataLoader):
 
 
 def materialise(
-    urls: Sequence[str], decoder: SampleDecoder, max_samples: int, tracker: SkipTracker
+    urls: Sequence[str],
+    decoder: SampleDecoder,
+    max_samples: int,
+    tracker: SkipTracker,
+    expected: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Up to `max_samples` decodable raw samples, read in shard order: the same list on every rank."""
     kept: list[dict[str, Any]] = []
     if max_samples <= 0:
         return kept
-    for raw in raw_samples(in_order(urls), decoder.fields, tracker.handler):
+    for raw in raw_samples(in_order(urls), decoder.fields, tracker, expected):
         try:
             decoder(raw)
         except BadSample as error:

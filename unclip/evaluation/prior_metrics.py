@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from unclip.nn.unit_norm import unit_norm
 
 # what prior_metrics returns: every prior logs them as val/<name>, the sweep summary shows them
 PRIOR_METRICS = (
@@ -47,9 +48,9 @@ def prior_metrics(
             f"prior_metrics needs three [B, D] tensors of one shape, got sampled "
             f"{tuple(sampled.shape)}, img_emb {tuple(img_emb.shape)}, txt_emb {tuple(txt_emb.shape)}"
         )
-    sampled = F.normalize(sampled.float(), dim=-1)
-    img_emb = F.normalize(img_emb.float().to(sampled.device), dim=-1)
-    txt_emb = F.normalize(txt_emb.float().to(sampled.device), dim=-1)
+    sampled = unit_norm(sampled.float())
+    img_emb = unit_norm(img_emb.float().to(sampled.device))
+    txt_emb = unit_norm(txt_emb.float().to(sampled.device))
     similarity = sampled @ img_emb.T
     own = torch.arange(len(sampled), device=sampled.device)
     cosine = (sampled * img_emb).sum(-1).mean()

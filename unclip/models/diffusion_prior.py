@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from unclip.diffusion import DiffusionConfig, classifier_free_guidance, is_guided
 from unclip.evaluation.prior_metrics import prior_metrics
@@ -27,6 +26,7 @@ from unclip.models.selection import best_by_dot_product
 from unclip.nn.caption_encoder import CaptionEncoderConfig
 from unclip.nn.diffusion_prior_net import DiffusionPriorNet, DiffusionPriorNetConfig
 from unclip.nn.transformer import Prefix
+from unclip.nn.unit_norm import unit_norm
 from unclip.training.config_check import ConfigError, build_config
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class DiffusionPriorModule(DiffusionStage):
         (text_embedding=sphere), or as given (raw)."""
         if self.text_embedding == "raw":
             return txt_emb.float()
-        return F.normalize(txt_emb.float(), dim=-1) * math.sqrt(self.embed_dim)
+        return unit_norm(txt_emb.float()) * math.sqrt(self.embed_dim)
 
     def empty_caption_embedding(self, batch_size: int) -> torch.Tensor:
         """[B, D] CLIP text embedding of the empty caption (null_condition=empty_caption)."""
@@ -301,5 +301,5 @@ class DiffusionPriorModule(DiffusionStage):
         )
         z = self.embedding_norm.denormalize(x0)
         if self.unit_norm_output:
-            z = F.normalize(z, dim=-1)
+            z = unit_norm(z)
         return best_by_dot_product(z.view(len(captions), n, -1), txt_emb)

@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from unclip.nn.unit_norm import unit_norm
 
 KINDS = ("standardize", "l2")
 
@@ -69,7 +70,7 @@ class EmbeddingNorm(nn.Module):
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """CLIP space -> the prior's space."""
         if self.kind == "l2":
-            return F.normalize(z, dim=-1) * math.sqrt(self.dim)
+            return unit_norm(z) * math.sqrt(self.dim)
         return (z - self.mean) / self.std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from unclip.nn.unit_norm import unit_norm
 
 
 def best_by_dot_product(candidates: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
     """[B, N, D] candidates -> [B, D]: per caption, the one with the highest dot product with z_t."""
-    scores = (candidates * F.normalize(txt_emb, dim=-1)[:, None]).sum(-1)
+    scores = (candidates * unit_norm(txt_emb)[:, None]).sum(-1)
     best = scores.argmax(dim=1)
     return candidates[torch.arange(len(candidates), device=candidates.device), best]

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unclip.nn.caption_encoder import CaptionEncoder, CaptionEncoderConfig
 from unclip.nn.unet import UNet, UNetConfig
+from unclip.nn.unit_norm import unit_norm
 
 NULL_IMAGE_EMBEDDINGS = ("zero", "learned")
 
@@ -149,7 +149,7 @@ class DecoderNet(nn.Module):
         if self.rescale_image_embedding:
             # unit-length CLIP embeddings have components of size 1/sqrt(D): give them unit RMS
             # (same direction) so freshly initialised projections see inputs of the usual scale
-            img_emb = F.normalize(img_emb, dim=-1) * math.sqrt(self.embed_dim)
+            img_emb = unit_norm(img_emb) * math.sqrt(self.embed_dim)
         if drop_image is not None:
             null = self.null_image.expand_as(img_emb)
             img_emb = torch.where(drop_image[:, None].to(img_emb.device), null, img_emb)

@@ -192,6 +192,27 @@ class AttentionBlock(nn.Module):
         return x + self.proj_out(out).reshape(batch, channels, *spatial)
 
 
+# where torch's wrappers keep the module they wrap: FSDP units, activation checkpointing
+WRAPPED_MODULE_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "module")
+
+
+def unwrapped(layer: nn.Module) -> nn.Module:
+    """The block inside FSDP / activation-checkpoint wrappers, so dispatch by type survives them."""
+    for _ in range(4):
+        inner = next(
+            (
+                getattr(layer, a)
+                for a in WRAPPED_MODULE_ATTRS
+                if isinstance(getattr(layer, a, None), nn.Module)
+            ),
+            None,
+        )
+        if inner is None or isinstance(layer, (ResBlock, AttentionBlock)):
+            return layer
+        layer = inner
+    return layer
+
+
 class EmbedSequential(nn.Sequential):
     """A sequence of layers, each given the inputs it takes: ResBlocks the embedding, attention
     blocks the context, everything else the feature map alone."""
@@ -204,9 +225,10 @@ class EmbedSequential(nn.Sequential):
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for layer in self:
-            if isinstance(layer, ResBlock):
+            block = unwrapped(layer)
+            if isinstance(block, ResBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, AttentionBlock):
+            elif isinstance(block, AttentionBlock):
                 x = layer(x, context, context_mask)
             else:
                 x = layer(x)

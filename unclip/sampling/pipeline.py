@@ -56,16 +56,16 @@ def _load_stage(path: str | Path, role: str, needs: Sequence[str], device: torch
     """Load a checkpoint for `role`, failing with the file name when it is absent or is not a
     checkpoint of a stage that offers the methods `needs`."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoints.{role}={str(path)!r}: no such checkpoint file")
+    if not path.exists():  # a file, or the folder of a sharded FSDP checkpoint
+        raise CheckpointError(f"{role}.checkpoint={str(path)!r}: no such checkpoint file")
     try:
         module = load_module(path, map_location="cpu")
     except (ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(f"checkpoints.{role}={str(path)!r}: cannot load ({error})") from error
+        raise CheckpointError(f"{role}.checkpoint={str(path)!r}: cannot load ({error})") from error
     missing = [name for name in needs if not callable(getattr(module, name, None))]
     if missing:
         raise CheckpointError(
-            f"checkpoints.{role}={str(path)!r} holds a {type(module).__name__}, which has no "
+            f"{role}.checkpoint={str(path)!r} holds a {type(module).__name__}, which has no "
             f"{', '.join(missing)}(): is it the checkpoint of another stage?"
         )
     return module.to(device).eval()
@@ -116,7 +116,7 @@ class UnclipPipeline:
         try:
             bundle = load_clip(str(clip), device=device)
         except (FileNotFoundError, ValueError) as error:
-            raise CheckpointError(f"checkpoints.clip={str(clip)!r}: {error}") from error
+            raise CheckpointError(f"clip.checkpoint={str(clip)!r}: {error}") from error
         decoder_module = _load_stage(decoder, "decoder", ("sample", "invert"), device)
         prior_module = None if prior is None else _load_stage(prior, "prior", ("sample",), device)
         upsampler_modules = [
@@ -147,21 +147,21 @@ class UnclipPipeline:
             dim = embed_dim_of(module) if module is not None else None
             if dim is not None and dim != clip_dim:
                 raise CheckpointError(
-                    f"checkpoints.{role}={self.paths.get(role)!r} was trained on {dim}-dim CLIP "
-                    f"embeddings, but checkpoints.clip={self.paths.get('clip')!r} makes "
+                    f"{role}.checkpoint={self.paths.get(role)!r} was trained on {dim}-dim CLIP "
+                    f"embeddings, but clip.checkpoint={self.paths.get('clip')!r} makes "
                     f"{clip_dim}-dim ones: train the {role} on shards embedded with this CLIP"
                 )
         prior_dim = embed_dim_of(self.prior) if self.prior is not None else None
         decoder_dim = embed_dim_of(self.decoder)
         if prior_dim and decoder_dim and prior_dim != decoder_dim:
             raise CheckpointError(
-                f"checkpoints.prior={self.paths['prior']!r} makes {prior_dim}-dim embeddings but "
-                f"checkpoints.decoder={self.paths['decoder']!r} takes {decoder_dim}-dim ones"
+                f"prior.checkpoint={self.paths['prior']!r} makes {prior_dim}-dim embeddings but "
+                f"decoder.checkpoint={self.paths['decoder']!r} takes {decoder_dim}-dim ones"
             )
-        size, source = self.decoder_size, f"checkpoints.decoder={self.paths['decoder']!r}"
+        size, source = self.decoder_size, f"decoder.checkpoint={self.paths['decoder']!r}"
         for i, upsampler in enumerate(self.upsamplers):
             low = getattr(upsampler, "low_res_size", None)
-            where = f"checkpoints.upsamplers[{i}]={self.paths['upsamplers'][i]!r}"
+            where = f"upsamplers[{i}].checkpoint={self.paths['upsamplers'][i]!r}"
             if size is not None and low is not None and int(low) != int(size):
                 raise CheckpointError(
                     f"{where} upsamples {low}x{low} images but {source} makes {size}x{size} ones"
@@ -190,7 +190,7 @@ class UnclipPipeline:
         kind = PRIOR_KINDS.get(type(self.prior).__name__)
         if kind is None:
             raise CheckpointError(
-                f"checkpoints.prior={self.paths.get('prior')!r} holds a "
+                f"prior.checkpoint={self.paths.get('prior')!r} holds a "
                 f"{type(self.prior).__name__}; known priors: {sorted(PRIOR_KINDS)}"
             )
         return kind
@@ -228,7 +228,7 @@ class UnclipPipeline:
         **kwargs: Any,
     ) -> torch.Tensor:
         if self.prior is None:
-            raise CheckpointError("text -> image needs a prior: set checkpoints.prior")
+            raise CheckpointError("text -> image needs a prior: set prior.checkpoint")
         return self.prior.sample(list(captions), txt_emb, generator=generator, **kwargs)
 
     @torch.no_grad()

@@ -33,15 +33,17 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:
+        ema_params = list(self.module.parameters())
+        net_params = [p.detach() for p in net.parameters()]
         if step < self.start_step:
-            self.module.load_state_dict(net.state_dict())
+            torch._foreach_copy_(ema_params, net_params)
             return
         if step % self.update_every:
             return
         decay = self.current_decay()
-        ema_params = list(self.module.parameters())
-        net_params = list(net.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in net_params], 1.0 - decay)
+        # parameter by parameter, so it works on FSDP shards too (training/fsdp.py: the copy is
+        # wrapped like the network, each rank updating the shards it holds)
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)
         for ema_buffer, buffer in zip(self.module.buffers(), net.buffers(), strict=True):
             ema_buffer.copy_(buffer)
         self.num_updates += 1

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib
 import inspect
+import io
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from torch import nn
 
 from unclip.training.config_check import build_config
 from unclip.training.ema import EMA
+from unclip.training.fsdp import clip_sharded_gradients, mark_unit
+from unclip.training.nan_guard import first_non_finite
 
 CHECKPOINT_CLASS_KEY = "unclip_module"
 SKIPPED_KEY = "unclip_skipped_samples"
@@ -123,6 +126,9 @@ class UnclipModule(L.LightningModule):
 
     # ---- EMA -----------------------------------------------------------------------------------
     def init_ema(self) -> None:
+        # shapes as built: under FSDP the parameters become flat 1-D shards (weight decay groups)
+        self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
+        mark_unit(self.net)  # network and EMA copy: FSDP units of one structure (training/fsdp.py)
         if self.ema_cfg is not None and self.ema_cfg.decay > 0:
             self.ema = EMA(self.net, **dataclasses.asdict(self.ema_cfg))
 
@@ -152,24 +158,48 @@ class UnclipModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.net, self.global_step + 1)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # counted before the step, so a checkpoint written after it holds this batch's skips too
         if isinstance(batch, dict) and "skipped" in batch:
             self._skipped_total += int(batch["skipped"].sum())
-            self.log(
-                "data/skipped_total", float(self._skipped_total), on_step=True, reduce_fx="sum"
-            )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "take_startup_skipped"):
+            startup = datamodule.take_startup_skipped()  # the same on every rank: count it once
+            if self.trainer.is_global_zero:
+                self._skipped_total += startup
+        self.log("data/skipped_total", self.skipped_over_ranks(), on_step=True)
+
+    def skipped_over_ranks(self) -> float:
+        """Skipped samples of every rank, summed (each rank counts only its own stream's)."""
+        local = torch.tensor(float(self._skipped_total), device=self.device)
+        return float(self.trainer.strategy.reduce(local, reduce_op="sum"))
 
     # ---- optimisation --------------------------------------------------------------------------
     def parameters_to_optimize(self) -> list[dict]:
         """AdamW groups: no weight decay on biases, norms and embeddings (1-D tensors)."""
         decay, no_decay = [], []
-        for param in self.net.parameters():
+        ndims = getattr(self, "_param_ndims", {})
+        for name, param in self.net.named_parameters():
             if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
+                ndim = ndims.get(unwrapped_name(name), param.ndim)
+                (decay if ndim >= 2 else no_decay).append(param)
         return [
             {"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # FSDP: the norm over all shards, through the root module (Lightning's FSDP precision
+        # plugin refuses norm clipping); everything else: Lightning's own clipping
+        norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        if norm and clip_sharded_gradients(self._trainer, float(gradient_clip_val)):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _adamw_implementation(self) -> dict[str, bool]:
         """The fused kernel (one call for every parameter: 5-6x faster steps than torch's
@@ -204,11 +234,21 @@ class UnclipModule(L.LightningModule):
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
-        checkpoint[SKIPPED_KEY] = self._skipped_total
+        # every rank saves (and reduces) together; the file holds the total over ranks
+        checkpoint[SKIPPED_KEY] = int(self.skipped_over_ranks()) if self._trainer else 0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # a resumed run keeps counting skipped samples from where it stopped
-        self._skipped_total = int(checkpoint.get(SKIPPED_KEY, 0))
+        # a resumed run keeps counting from the total over ranks, carried on by rank 0
+        total = int(checkpoint.get(SKIPPED_KEY, 0))
+        self._skipped_total = total if self._trainer is None or self.trainer.is_global_zero else 0
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without FSDP / activation-checkpointing wrapper segments."""
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+
+
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 class _LRSchedule:
@@ -236,17 +276,36 @@ def lr_lambda(schedule: str, warmup: int, total: int | None, min_ratio: float) -
     return _LRSchedule(schedule, warmup, total, min_ratio)
 
 
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file, or a sharded FSDP checkpoint folder (`strategy.state_dict_type=sharded`)
+    consolidated in memory into the same one-file form."""
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+        return _format_checkpoint(_load_distributed_checkpoint(path))
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> UnclipModule:
     """Rebuild whichever stage a checkpoint holds, with its EMA weights, in eval mode."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(path, map_location)
     class_path = checkpoint.get(CHECKPOINT_CLASS_KEY)
     if class_path is None:
         raise ValueError(f"{path} is not an unclip checkpoint (no '{CHECKPOINT_CLASS_KEY}' entry)")
+    bad_key = first_non_finite(checkpoint.get("state_dict", {}))
+    if bad_key is not None:
+        raise ValueError(f"{path} holds NaN/inf weights ({bad_key}): refusing to sample with it")
     module_name, _, class_name = CLASS_ALIASES.get(class_path, class_path).rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    source: Path | io.BytesIO = path
+    if path.is_dir():  # consolidated above: hand Lightning the one-file form
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
+    module = cls.load_from_checkpoint(source, map_location=map_location, weights_only=True)
     module.checkpoint_path = str(path)
     return module.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,16 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from unclip.training.checkpoints import SafeCheckpointIO, newest_loadable, remove_staged
 from unclip.training.config_check import check_config
+from unclip.training.fsdp import FullWeightsForEval
 from unclip.training.generation_eval import generation_eval
+from unclip.training.loggers import finish_loggers
+from unclip.training.seeding import RankSeed
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +42,22 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
+        folder = run_dir / "checkpoints"
+        last = folder / "last.ckpt"
+        remove_staged(folder)
+        found = newest_loadable(folder, first=last)
+        if found is None:
+            log.warning(
+                "ckpt_path=last but %s holds no loadable checkpoint: starting from scratch", folder
+            )
+            return None
+        if found != last:
+            log.warning(
+                "ckpt_path=last: %s is missing or broken; resuming from %s instead", last, found
+            )
+        else:
             log.info("resuming from %s", last)
-            return str(last)
-        log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
-        return None
+        return str(found)
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
     return ckpt_path
@@ -69,6 +85,11 @@ def instantiate_strategy(cfg: DictConfig) -> Any:
     return cfg.get("name", "auto")
 
 
+def trainer_plugins() -> list:
+    """Checkpoints written beside their target and renamed (training/checkpoints.py)."""
+    return [SafeCheckpointIO()]
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """Instantiate model, data and trainer; checks that need all three happen here."""
     check_config(cfg, CHECKED_GROUPS)
@@ -78,15 +99,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if expected_dim and hasattr(datamodule, "check_embed_dim"):
         datamodule.check_embed_dim(expected_dim, "model.embed_dim")
     loggers = instantiate_loggers(cfg.get("logger"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    strategy = instantiate_strategy(cfg.strategy)
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), RankSeed(cfg.seed)]
     evaluation = generation_eval(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
     if evaluation is not None:
         callbacks.append(evaluation)
+    if isinstance(strategy, FSDPStrategy):
+        callbacks.append(FullWeightsForEval())
     trainer = instantiate(
         cfg.trainer,
-        strategy=instantiate_strategy(cfg.strategy),
+        strategy=strategy,
         callbacks=callbacks,
         logger=loggers or False,
+        plugins=trainer_plugins(),
         default_root_dir=cfg.paths.run_dir,
         _convert_="all",
     )
@@ -106,9 +131,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     model, datamodule, trainer = build(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    initialise(model, cfg, resuming=ckpt_path is not None)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+        initialise(model, cfg, resuming=ckpt_path is not None)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer.loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         write_metrics(run_dir, cfg, metrics, trainer.global_step)
@@ -137,7 +165,8 @@ def write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict[str, float], ste
         "data": cfg.data.get("name"),
         "overrides": overrides,
         "step": step,
-        "metrics": metrics,
+        # JSON has no NaN: a non-finite metric is null
+        "metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()},
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, allow_nan=False))
