@@ -376,8 +376,8 @@ def test_configured_eta_reaches_the_prior_samples(trained, val_batch) -> None:
         return module.eval().sample(captions, txt, torch.Generator().manual_seed(7))
 
     deterministic = draw(0.0)
-    torch.testing.assert_close(draw(0.0), deterministic)
-    assert (draw(1.0) - deterministic).abs().max() > 1e-2
+    assert torch.equal(draw(0.0), deterministic)  # eta=0 reruns are bit-identical, so any
+    assert (draw(1.0) - deterministic).abs().max() > 1e-3  # real difference is eta's doing
 
 
 def test_resumed_run_does_not_refit_statistics(trained, synthetic_shards) -> None:
