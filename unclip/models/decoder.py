@@ -72,6 +72,9 @@ class DecoderConfig:
     name: str = "decoder"
     # seeds the timesteps and noise of the validation loss, so it is comparable across validations
     val_seed: int = 0
+    # the UNet's convolution weights (and so its activations) in NHWC for training too: the
+    # convolution kernels run faster on it (bench/unet_bench.py); equal results up to rounding
+    channels_last: bool = True
 
 
 class DecoderModule(DiffusionStage):
@@ -122,6 +125,7 @@ class DecoderModule(DiffusionStage):
             out_channels=out_channels,
             image_size=self.image_size,
         )
+        self.use_channels_last(config.channels_last)
         self.init_ema()
 
     # ---- conditioning ---------------------------------------------------------------------------

@@ -43,6 +43,12 @@ class DiffusionStage(UnclipModule):
         self.diffusion = GaussianDiffusion(self.diffusion_config(diffusion))
         self.sampling = self.resolve_sampling(sampling, "model.sampling")
 
+    def use_channels_last(self, on: bool) -> None:
+        """Store the network's 4-D weights NHWC: a convolution given an NHWC weight returns NHWC
+        activations, so the whole UNet then runs in that format (inputs need no conversion)."""
+        if on:
+            self.net.to(memory_format=torch.channels_last)
+
     # ---- configuration --------------------------------------------------------------------------
     @classmethod
     def diffusion_config(cls, given: Mapping[str, Any] | None) -> DiffusionConfig:

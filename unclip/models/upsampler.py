@@ -106,6 +106,9 @@ class UpsamplerConfig:
     val_samples: int = 8
     # seeds the validation crops, corruption and noise, and the sampling noise of validation
     val_seed: int = 0
+    # the UNet's convolution weights (and so its activations) in NHWC for training too: the
+    # convolution kernels run faster on it (bench/unet_bench.py); equal results up to rounding
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.low_res_size < self.image_size:
@@ -166,6 +169,7 @@ class UpsamplerModule(DiffusionStage):
         self.val_samples = int(config.val_samples)
         self.net = self._build_unet(unet)
         self.degradation = build_degradation(degradation)
+        self.use_channels_last(config.channels_last)
         self.init_ema()
 
     # ---- construction ---------------------------------------------------------------------------

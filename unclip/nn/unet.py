@@ -40,6 +40,10 @@ class UNetConfig:
     dropout: float = 0.0
     use_scale_shift_norm: bool = True
     resblock_updown: bool = True
+    # two extra input channels holding each pixel's x and y in [-1, 1] (CoordConv, Liu et al.
+    # 2018; not in GLIDE): convolutions and attention otherwise see position only through the
+    # zero padding, and "left of" / "above" need it
+    coordinate_channels: bool = False
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -235,6 +239,15 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
+def with_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] with two channels more: each pixel's x and y, from -1 to 1 across the input."""
+    batch, _, height, width = x.shape
+    ys = torch.linspace(-1.0, 1.0, height, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, width, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)
+    return torch.cat([x, grid.expand(batch, -1, -1, -1)], dim=1)
+
+
 class UNet(nn.Module):
     """The ADM UNet. `attention_resolutions` are feature-map sizes in pixels (for inputs of
     `image_size`) at which self-attention follows each residual block; the middle block attends
@@ -300,9 +313,9 @@ class UNet(nn.Module):
             return AttentionBlock(ch, num_head_channels, context_dim)
 
         ch = model_channels * channel_mult[0]
-        self.input_blocks = nn.ModuleList(
-            [EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
-        )
+        self.coordinate_channels = config.coordinate_channels
+        first_in = in_channels + (2 if self.coordinate_channels else 0)
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(first_in, ch, 3, padding=1))])
         skip_channels = [ch]
         size = image_size
         for level, mult in enumerate(channel_mult):
@@ -366,7 +379,7 @@ class UNet(nn.Module):
         if context is not None and self.context_dim is None:
             raise ValueError("context given to a UNet built with context_dim=None")
         skips = []
-        h = x
+        h = with_coordinates(x) if self.coordinate_channels else x
         for block in self.input_blocks:
             h = block(h, emb, context, context_mask)
             skips.append(h)
