@@ -14,20 +14,23 @@ same padding. Sampling: `--sample-steps` strided steps of our GaussianDiffusion 
 captions with classifier-free guidance as a doubled batch, best of 1, the network being the only
 difference. Ours runs the transformer over the caption once per sample (`PrefixCache`); the row
 "ours, no prefix cache" runs the full sequence every step, as diffusers does.
+
+The rows take turns over `--rounds` rounds (the order rotated each round): each round times
+`--train-iters` training steps after `--warmup` untimed ones and one sampling run after one untimed
+run; each cell is the median (min-max) over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from timing import round_orders, seconds_per_call, spread
 
 from unclip.diffusion import GaussianDiffusion, guide_halves, sample
 from unclip.nn.caption_encoder import CaptionEncoder
@@ -59,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--sample-steps", type=int, default=64)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 3)")
     parser.add_argument("--skip-diffusers", action="store_true")
     return parser.parse_args()
 
@@ -107,20 +110,6 @@ def theirs(s: dict[str, int]) -> torch.nn.Module:
     )
 
 
-def timed(step: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
-
-
 # a network call in the bench: (x_t, t, caption states, caption mask, txt_emb) -> x0
 NetFn = Callable[..., torch.Tensor]
 
@@ -151,7 +140,9 @@ class Bench:
         self.autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"
         )
-        self.diffusion = GaussianDiffusion("cosine", 1000, prediction="x0").to(self.device)
+        self.diffusion = GaussianDiffusion(
+            schedule="cosine", num_timesteps=1000, prediction="x0"
+        ).to(self.device)
 
     def inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Caption states [B, L, D], their padding mask and z_t."""
@@ -164,7 +155,8 @@ class Bench:
     def train_step(self, net: torch.nn.Module, fn: NetFn) -> Callable[[], None]:
         """One training step: forward, backward and an AdamW step on `--batch-size` samples."""
         b = self.args.batch_size
-        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as UnclipModule asks
         states, mask, txt = self.inputs(b)
         x0 = torch.randn(b, self.s["embed_dim"], device=self.device)
 
@@ -229,21 +221,22 @@ class Row:
     params: int
     train: Callable[[], None] | None = None  # a training step
     sample: Callable[[], None] | None = None  # sampling one batch
-    step_s: float = math.inf  # best seconds per training step over the rounds
-    sample_s: float = math.inf
+    train_rates: list[float] = field(default_factory=list)  # samples/s, one per round
+    latencies: list[float] = field(default_factory=list)  # seconds per sampling run, per round
 
 
 def measure(rows: list[Row], args: argparse.Namespace, device: torch.device) -> None:
-    """Interleave the networks over `--rounds` and keep each one's best time, so a neighbour's
-    load on a shared machine does not decide the comparison."""
-    for _ in range(args.rounds):
-        for row in rows:
+    """Every round times every row, in an order rotated each round, so neither a neighbour's load
+    on a shared machine nor running first decides the comparison."""
+    for number, order in enumerate(round_orders(len(rows), args.rounds), 1):
+        for index in order:
+            row = rows[index]
             if row.train is not None:
-                row.step_s = min(
-                    row.step_s, timed(row.train, args.train_iters, args.warmup, device)
-                )
+                step_s = seconds_per_call(row.train, args.train_iters, args.warmup, device)
+                row.train_rates.append(args.batch_size / step_s)
             if row.sample is not None:
-                row.sample_s = min(row.sample_s, timed(row.sample, 1, 1, device))
+                row.latencies.append(seconds_per_call(row.sample, 1, 1, device))
+        print(f"round {number}/{args.rounds} done", flush=True)
 
 
 def main() -> None:
@@ -297,18 +290,18 @@ def main() -> None:
         f"embed_dim {s['embed_dim']}, caption {s['caption_tokens']}/{s['tokens']} tokens + 4"
     )
     print(
-        f"train: batch {args.batch_size}, fwd+bwd+AdamW; sample: batch {args.sample_batch}, "
-        f"{args.sample_steps} steps, guidance {args.guidance_scale} (doubled batch)\n"
+        f"train: batch {args.batch_size}, fwd+bwd+fused AdamW; sample: batch {args.sample_batch}, "
+        f"{args.sample_steps} steps, guidance {args.guidance_scale} (doubled batch); "
+        f"{args.rounds} interleaved rounds: median (min-max)\n"
     )
     header = (
-        f"{'network':38s} {'block params':>13s} {'train samples/s':>16s} {'sample latency s':>17s}"
+        f"{'network':38s} {'block params':>13s} {'train samples/s':>24s} {'sample latency s':>24s}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
-        train = f"{args.batch_size / row.step_s:16.1f}" if row.train else f"{'-':>16s}"
-        latency = f"{row.sample_s:17.3f}" if row.sample else f"{'-':>17s}"
-        print(f"{row.name:38s} {row.params / 1e6:12.2f}M {train} {latency}")
+        train, latency = spread(row.train_rates), spread(row.latencies, ".3f")
+        print(f"{row.name:38s} {row.params / 1e6:12.2f}M {train:>24s} {latency:>24s}")
 
 
 if __name__ == "__main__":
