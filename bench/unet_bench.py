@@ -215,10 +215,12 @@ def describe_blocks(named: dict[str, torch.nn.Module]) -> None:
             f"other {b.other_params / 1e6:.2f}M  [{kinds}]"
         )
     print(
-        "  ours: one attention layer per attention resolution (and in the middle), attending "
-        "jointly to its own pixels and the context tokens (GLIDE: norm, qkv, context k/v, proj)\n"
-        "  diffusers: a Transformer2DModel there (norm, proj_in, self-attention, cross-attention "
-        "to the context, GEGLU feed-forward, proj_out), so more attention compute per block"
+        "  the same places in both: after each resnet at the attention resolutions, and in the "
+        "middle block\n"
+        "  ours: one attention layer there, over its own pixels and the context tokens jointly "
+        "(GLIDE: norm, qkv, context k/v, proj_out)\n"
+        "  diffusers: a Transformer2DModel there (norm, proj_in, then a BasicTransformerBlock: "
+        "self-attention, cross-attention to the context, GEGLU feed-forward; proj_out)"
     )
 
 
