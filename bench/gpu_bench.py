@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_bench.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on CPU: a smoke test")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="no new part after this")
+    parser.add_argument("--budget-s", type=float, default=360.0, help="no new part after this")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--prior-batch", type=int, default=64)
@@ -318,7 +318,7 @@ def train_py_rate(args, folder: Path, strategy: list[str], name: str) -> dict[st
     start = time.perf_counter()
     paths = [str(REPO), *([str(REPO / "tests")] if args.quick else [])]  # tests: fsdp_cpu
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join(paths)}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     wall = time.perf_counter() - start
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -365,6 +365,21 @@ def fsdp_parts(args, work: Path) -> list[dict[str, Any]]:
         rows.append(run_part(f"train.py {name}", lambda s=strategy, n=name: train_py_rate(
             args, folder, s, f"bench-{n}")))  # fmt: skip
     return [r for r in rows if r]
+
+
+def write_record(
+    out: Path, name: str, peak: float | None, rows: list[dict[str, Any]], started: float
+) -> None:
+    record = {
+        "device": name,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "torch": torch.__version__,
+        "bf16_peak_flops": peak,
+        "flops_formula": "6*block_params*seq + 12*layers*seq^2*width per sample",
+        "rows": rows,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    (out / "gpu_bench.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -450,6 +465,7 @@ def main() -> None:
             continue
         row = run_part(label, part) if label != "train.py" else part()
         rows.extend(row.get("rows", [row]))
+        write_record(args.out, name, peak, rows, started)  # after every part: a kill keeps them
 
     print(f"\n| part | configuration | compile | step ms | rate | MFU | notes |  ({name})")
     print("| --- | --- | --- | ---: | ---: | ---: | --- |")
@@ -470,16 +486,7 @@ def main() -> None:
             f"| {row['part']} | {row['config']} | {'on' if row.get('compile') else 'off'} | "
             f"{1000 * row['step_s']:.1f} | {rate} | {mfu} | {'; '.join(notes)} |"
         )
-    record = {
-        "device": name,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "torch": torch.__version__,
-        "bf16_peak_flops": peak,
-        "flops_formula": "6*block_params*seq + 12*layers*seq^2*width per sample",
-        "rows": rows,
-        "elapsed_s": time.perf_counter() - started,
-    }
-    (args.out / "gpu_bench.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, name, peak, rows, started)
     print(f"\n{time.perf_counter() - started:.0f} s; written {args.out / 'gpu_bench.json'}")
 
 
