@@ -200,10 +200,12 @@ def prior_that_fits(args, device, chosen: list[int]) -> dict[str, Any]:
     `chosen` receives the depth, for the compiled run."""
     candidates = [PRIOR_QUICK["layers"]] if args.quick else [24, 16, 12, 8, 4]
     for layers in candidates:
+        row = None
         try:
             row = prior_part(args, device, False, layers)
         except torch.OutOfMemoryError:
             print(f"[prior] {layers} layers: out of memory, trying fewer", flush=True)
+        if row is None:  # outside the except block, whose traceback still holds the tensors
             torch.cuda.empty_cache()
             continue
         chosen.append(layers)
