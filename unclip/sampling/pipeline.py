@@ -132,9 +132,10 @@ class UnclipPipeline:
         stages = {"decoder": decoder_module, "prior": prior_module}
         stages.update({f"upsamplers[{i}]": m for i, m in enumerate(upsampler_modules)})
         ema_used = {name: use_ema_weights(m, ema) for name, m in stages.items() if m is not None}
-        if channels_last:
-            for module in (decoder_module, *upsampler_modules):
-                module.to(memory_format=torch.channels_last)
+        # either way explicitly: the UNet stages are built NHWC by default (their channels_last)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for module in (decoder_module, *upsampler_modules):
+            module.to(memory_format=memory_format)
         pipe = cls(bundle, decoder_module, prior_module, upsampler_modules, paths, ema_used)
         pipe.check()
         return pipe
