@@ -412,13 +412,19 @@ def format_row(row: dict[str, Any]) -> str:
         cells.append(f"{row['params_M']:.0f}M params")
     if "mfu" in row:
         cells.append(f"MFU {100 * row['mfu']:.1f}% ({row['achieved_tflops']:.0f} TFLOP/s)")
+    return "; ".join(cells + notes(row))
+
+
+def notes(row: dict[str, Any]) -> list[str]:
+    """Compile warm-up, peak memory and a train.py run's wall clock, where a row has them."""
+    found = []
     if row.get("compile"):
-        cells.append(f"warm-up incl. compile {row['warmup_s']:.0f} s")
+        found.append(f"warm-up incl. compile {row['warmup_s']:.0f} s")
     if "peak_mem_gib" in row:
-        cells.append(f"peak {row['peak_mem_gib']:.1f} GiB")
+        found.append(f"peak {row['peak_mem_gib']:.1f} GiB")
     if "wall_s" in row:
-        cells.append(f"run wall {row['wall_s']:.0f} s")
-    return "; ".join(cells)
+        found.append(f"run wall {row['wall_s']:.0f} s")
+    return found
 
 
 def main() -> None:
@@ -477,16 +483,9 @@ def main() -> None:
             continue
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
         rate = f"{row['rate']:,.1f} {row['unit']}" if row.get("rate") else "-"
-        notes = []
-        if row.get("compile"):
-            notes.append(f"warm-up incl. compile {row['warmup_s']:.0f} s")
-        if "peak_mem_gib" in row:
-            notes.append(f"peak {row['peak_mem_gib']:.1f} GiB")
-        if "wall_s" in row:
-            notes.append(f"run wall {row['wall_s']:.0f} s")
         print(
             f"| {row['part']} | {row['config']} | {'on' if row.get('compile') else 'off'} | "
-            f"{1000 * row['step_s']:.1f} | {rate} | {mfu} | {'; '.join(notes)} |"
+            f"{1000 * row['step_s']:.1f} | {rate} | {mfu} | {'; '.join(notes(row))} |"
         )
     write_record(args.out, name, peak, rows, started)
     print(f"\n{time.perf_counter() - started:.0f} s; written {args.out / 'gpu_bench.json'}")
