@@ -127,3 +127,28 @@ def test_tiny_unet_learns_to_denoise_conditioned_on_cond() -> None:
         losses.append(loss.item())
     # predicting the mean of the two colours scores 2/3; the label makes it learnable
     assert sum(losses[-10:]) / 10 < 0.1
+
+
+def test_coordinate_channels_give_each_pixel_its_position() -> None:
+    from unclip.nn.unet import with_coordinates
+
+    blank = torch.zeros(2, 3, 8, 8)
+    grid = with_coordinates(blank)[:, 3:]
+    assert grid.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(grid[1, 0, 5], torch.linspace(-1, 1, 8))  # x along the width
+    torch.testing.assert_close(grid[1, 1, :, 2], torch.linspace(-1, 1, 8))  # y down the height
+    net = UNet(
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        coordinate_channels=True,
+        image_size=8,
+    )
+    first = net.input_blocks[0][0]
+    assert first.in_channels == 5
+    features = first(with_coordinates(blank))
+    # on a blank image only the coordinates tell a left pixel from a right one
+    assert (features[0, :, 4, 1] - features[0, :, 4, 6]).abs().max() > 1e-3
+    out = net(blank, torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 3, 8, 8)
