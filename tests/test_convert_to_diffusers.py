@@ -139,6 +139,7 @@ def stack(clip_spec: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         },
         diffusion={"prediction": "eps", "learned_variance": True},
         sampling={"steps": STEPS["decoder"], "sampler": "ddpm", "guidance_scale": DECODER_SCALE},
+        channels_last=False,
         optim=optim,
         ema={"decay": 0.5},
     )
@@ -157,6 +158,7 @@ def stack(clip_spec: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         lift_antialias=True,
         sampling={"steps": STEPS["super_res"], "sampler": "ddpm"},
         val_samples=0,
+        channels_last=False,  # NCHW throughout, as diffusers computes (NHWC sums in another order)
         optim=optim,
         ema={"decay": 0.5},
     )
@@ -211,6 +213,7 @@ def load_ours(clip_spec: str, paths: dict[str, Path]) -> UnclipPipeline:
         decoder=paths["decoder"],
         upsamplers=[paths["upsampler"]],
         device="cpu",
+        channels_last=False,  # NCHW sums like diffusers' (NHWC drifts by ~1e-5 a step)
     )
 
 

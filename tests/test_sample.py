@@ -295,3 +295,29 @@ def test_demo_report_prints_the_pixel_judge_table(stack, tmp_path, capsys) -> No
     assert "shape (CLIP)" in printed and "prior cos-to-truth" in printed
     saved = json.loads((out / "shapes_score.json").read_text())
     assert len(saved["images"]) == 26
+
+
+def test_compiled_unets_sample_what_eager_ones_do() -> None:
+    from unclip.nn.unet import UNet
+    from unclip.sampling.pipeline import compile_unets
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        UNet(
+            model_channels=8,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(4,),
+            image_size=8,
+        )
+    )
+    for p in net.parameters():  # a fresh UNet's zero output layer would hide any difference
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
+    with torch.no_grad():
+        eager = net[0](x, t)
+        # "eager" backend: the tracing that inductor compiles, without minutes of kernel builds
+        assert compile_unets(net, backend="eager") == 1
+        compiled = net[0](x, t)
+    assert net[0]._compiled_call_impl is not None
+    torch.testing.assert_close(compiled, eager)

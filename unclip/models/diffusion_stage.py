@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from unclip.diffusion import DiffusionConfig, GaussianDiffusion, samplers
 from unclip.training.config_check import ConfigError, build_config
@@ -48,6 +49,12 @@ class DiffusionStage(UnclipModule):
         activations, so the whole UNet then runs in that format (inputs need no conversion)."""
         if on:
             self.net.to(memory_format=torch.channels_last)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # FSDP's sharded state dicts (ShardedTensor) take contiguous tensors only: NCHW there
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.to(memory_format=torch.contiguous_format)
 
     # ---- configuration --------------------------------------------------------------------------
     @classmethod

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unclip.clip import ClipBundle, encode_images, encode_texts, load_clip
+from unclip.nn.unet import UNet
 from unclip.training.module import load_module
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,16 @@ def embed_dim_of(module: nn.Module) -> int | None:
     return int(dim) if dim else None
 
 
+def compile_unets(net: nn.Module, backend: str = "inductor") -> int:
+    """Compile every UNet in `net` in place (`nn.Module.compile`: the weights and state_dict stay
+    as they are). The first call at each new batch shape pays the compilation (tens of seconds on
+    CPU), so it pays off for long sampling jobs only; returns how many UNets were compiled."""
+    unets = [m for m in net.modules() if isinstance(m, UNet)]
+    for unet in unets:
+        unet.compile(dynamic=False, backend=backend)
+    return len(unets)
+
+
 @dataclass
 class Samples:
     """What text_to_image produced: final images, the decoder's images and both embeddings."""
@@ -108,10 +119,12 @@ class UnclipPipeline:
         device: str | torch.device | None = "auto",
         ema: bool = True,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> UnclipPipeline:
         """Load and check every stage; `ema` picks EMA or raw weights for every stage that has both;
         `channels_last` stores the decoder's and upsamplers' weights NHWC, which convolution kernels
-        run faster on (bench/sampling_bench.py; identical results up to float rounding)."""
+        run faster on (bench/sampling_bench.py; identical results up to float rounding);
+        `compile` compiles the sampling UNets (`compile_unets`) for long sampling jobs."""
         device = resolve_device(device)
         try:
             bundle = load_clip(str(clip), device=device)
@@ -136,6 +149,8 @@ class UnclipPipeline:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for module in (decoder_module, *upsampler_modules):
             module.to(memory_format=memory_format)
+            if compile:
+                compile_unets(module.eval_net)
         pipe = cls(bundle, decoder_module, prior_module, upsampler_modules, paths, ema_used)
         pipe.check()
         return pipe

@@ -58,6 +58,7 @@ def load_pipeline(cfg: DictConfig, with_prior: bool) -> UnclipPipeline:
         device=cfg.device,
         ema=cfg.ema,
         channels_last=cfg.channels_last,
+        compile=cfg.get("compile", False),
     )
 
 
