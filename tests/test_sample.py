@@ -308,6 +308,7 @@ def test_compiled_unets_sample_what_eager_ones_do() -> None:
             channel_mult=(1, 2),
             num_res_blocks=1,
             attention_resolutions=(4,),
+            num_head_channels=8,
             image_size=8,
         )
     )
