@@ -1,4 +1,4 @@
-"""What one image evaluation costs (`eval.enabled=true`, `python -m unclip.evaluation.run`, the
+"""What one image evaluation costs (`eval.enabled=true`, `python -m unclip.sampling.evaluate`, the
 demo's FID line): the reference statistics (once per shard set and feature model), generating
 `--num-samples` images with the demo decoder, and scoring them (FID/KID/CLIP score/precision-recall).
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import EVAL_IMAGE_SIZE
 from hydra import compose, initialize_config_dir
 
-from unclip.evaluation.run import main
+from unclip.sampling.evaluate import main
 from unclip.training.run import train
 from unclip.training.summary import collect, summary_table
 

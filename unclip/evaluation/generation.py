@@ -1,5 +1,5 @@
 """Generate images for a fixed validation subset and score them: the body of every image evaluation
-(the training callback, `python -m unclip.evaluation.run`, the demo).
+(the training callback, `python -m unclip.sampling.evaluate`, the demo).
 
 The stages come in as plain callables (a decoder's `sample`, a prior's `sample`, upsamplers'
 `upsample`), so this module never needs to know which LightningModule made them. The decoder is

@@ -1,4 +1,4 @@
-"""Markdown tables for metric reports (the sweep summary, `python -m unclip.evaluation.run`)."""
+"""Markdown tables for metric reports (the sweep summary, `python -m unclip.sampling.evaluate`)."""
 
 from __future__ import annotations
 

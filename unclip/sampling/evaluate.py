@@ -1,7 +1,7 @@
 """Score checkpoints on a shard set: FID/KID/CLIP score/precision/recall of generated images and the
 prior metric set, one row per stack, written to `eval.json` and `eval.md`.
 
-    python -m unclip.evaluation.run --shards 'data/shapes_emb/val-*.tar' --out runs/eval \\
+    python -m unclip.sampling.evaluate --shards 'data/shapes_emb/val-*.tar' --out runs/eval \\
         runs/demo-prior_diffusion/checkpoints/last.ckpt runs/demo-prior_ar/checkpoints/last.ckpt \\
         runs/demo-decoder/checkpoints/last.ckpt [runs/demo-upsampler/checkpoints/last.ckpt]
 
