@@ -152,3 +152,82 @@ def test_coordinate_channels_give_each_pixel_its_position() -> None:
     assert (features[0, :, 4, 1] - features[0, :, 4, 6]).abs().max() > 1e-3
     out = net(blank, torch.zeros(2, dtype=torch.long))
     assert out.shape == (2, 3, 8, 8)
+
+
+def test_attention_position_tells_pixels_apart_and_starts_as_the_plain_block() -> None:
+    from unclip.nn.unet import AttentionBlock, position_code
+
+    code = position_code(4, 6)
+    assert code.shape == (32, 24)
+    assert torch.unique(code, dim=1).shape[1] == 24  # every pixel its own code
+    torch.testing.assert_close(position_code(4, 6), code)  # a function of the grid alone
+    plain = AttentionBlock(16, 8)
+    placed = AttentionBlock(16, 8, position=True)
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    torch.nn.init.normal_(plain.proj_out.weight)
+    placed.proj_out.load_state_dict(plain.proj_out.state_dict())
+    flat = torch.ones(2, 16, 4, 6) + 0.1 * torch.randn(2, 16, 1, 1)
+    # zero-initialised projection: a fresh block is the block without positions
+    torch.testing.assert_close(placed(flat), plain(flat))
+    assert (plain(flat) - plain(flat)[..., :1, :1]).abs().max() < 1e-4  # no position: uniform
+    torch.nn.init.normal_(placed.position_proj.weight)
+    out = placed(flat)
+    assert (out[..., 0, 0] - out[..., 3, 5]).abs().max() > 1e-2  # corners now differ
+    net = UNet(
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        attention_position=True,
+        image_size=8,
+    )
+    assert sum(isinstance(m, AttentionBlock) and m.position_proj is not None for m in net.modules())
+    assert net(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)).shape == (2, 3, 8, 8)
+
+
+def test_context_attention_reads_the_tokens_pixel_by_pixel() -> None:
+    """A context-only block (context_resolutions) lets each pixel read the tokens and nothing of
+    the other pixels: change one pixel and only its own output moves; change the tokens and all do."""
+    from unclip.nn.unet import AttentionBlock
+
+    block = AttentionBlock(16, 32, context_dim=8, position=True, self_attention=False)
+    torch.nn.init.normal_(block.proj_out.weight)
+    x, tokens = torch.randn(1, 16, 4, 4), torch.randn(1, 3, 8)
+    moved = x.clone()
+    moved[..., 1, 2] += 1.0
+    # GroupNorm mixes pixels through its statistics: compare outputs past the shared norm
+    delta = block(moved, tokens) - block(x, tokens)
+    delta[..., 1, 2] -= 1.0  # the residual path carries the change itself
+    others = delta.clone()
+    others[..., 1, 2] = 0
+    # the only coupling left is the norm's mean and variance, far below a pixel's own change
+    assert (
+        others.abs().max() < 0.2 * (block(moved, tokens) - block(x, tokens))[..., 1, 2].abs().max()
+    )
+    assert (block(x, torch.randn(1, 3, 8)) - block(x, tokens)).abs().amin() > 0
+    with pytest.raises(ValueError, match="context tokens only"):
+        block(x)
+    net = UNet(
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        context_resolutions=(8,),
+        image_size=8,
+        context_dim=8,
+    )
+    kinds = [m.self_attention for m in net.modules() if isinstance(m, AttentionBlock)]
+    assert kinds.count(False) == 3 and kinds.count(True) >= 1  # 8 px: 1 down + 2 up blocks
+    out = net(
+        torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), context=torch.randn(2, 3, 8)
+    )
+    assert out.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="context_resolutions \\[5\\]"):
+        UNet(
+            model_channels=16,
+            channel_mult=(1, 2),
+            attention_resolutions=(),
+            context_resolutions=(5,),
+            image_size=8,
+            context_dim=8,
+        )

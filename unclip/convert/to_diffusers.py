@@ -68,6 +68,8 @@ def _unet_blocks(cfg: UNetConfig, image_size: int, where: str) -> tuple[list[int
         f"{where} channels {channels} must be multiples of 32 (diffusers' GroupNorm(32))",
     )
     _require(cfg.resblock_updown, f"{where}.resblock_updown must be true")
+    for extra in ("coordinate_channels", "attention_position", "context_resolutions"):
+        _require(not getattr(cfg, extra), f"{where}.{extra} has no diffusers counterpart")
     resolutions = set(cfg.attention_resolutions)
     attention = [image_size // 2**level in resolutions for level in range(len(mult))]
     return channels, attention

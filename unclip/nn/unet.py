@@ -44,6 +44,16 @@ class UNetConfig:
     # 2018; not in GLIDE): convolutions and attention otherwise see position only through the
     # zero padding, and "left of" / "above" need it
     coordinate_channels: bool = False
+    # each attention block adds a 2D sinusoidal code of the pixel's position to its normalised
+    # input, through a learned projection that starts at zero (absolute position embeddings as in
+    # ViT, sized to any feature map; not in GLIDE): queries then know where they are, so a
+    # caption token can be drawn to one half of the image
+    attention_position: bool = False
+    # feature-map sizes (not in attention_resolutions) where each residual block is followed by
+    # attention to the context tokens alone, without self-attention: linear in the pixels, so every
+    # pixel of a fine map can read the caption (Stable Diffusion's cross-attention everywhere; GLIDE
+    # reads its tokens only where it self-attends)
+    context_resolutions: tuple[int, ...] = ()
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -149,15 +159,48 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+POSITION_FREQUENCIES = 8  # per axis: sin and cos of each, so 4 * 8 position features
+
+
+def position_code(height: int, width: int, device: Any = None, dtype: Any = None) -> torch.Tensor:
+    """[4 * POSITION_FREQUENCIES, height * width]: sin/cos features of each pixel's row and
+    column centre, scaled to [0, 1] across the map so one code serves every feature-map size."""
+    freqs = math.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=device, dtype=torch.float32)
+    features = []
+    for length in (height, width):
+        centres = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
+        angles = centres[:, None] * freqs[None, :]
+        features.append(torch.cat([angles.sin(), angles.cos()], dim=1))  # [length, 2F]
+    rows, cols = features
+    grid = torch.cat(
+        [
+            rows[:, None, :].expand(height, width, -1),
+            cols[None, :, :].expand(height, width, -1),
+        ],
+        dim=2,
+    )
+    return grid.reshape(height * width, -1).t().to(dtype)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the pixels of a feature map. Given `context` tokens
     [B, N, context_dim], each head also attends to their projected keys and values (GLIDE);
-    `context_mask` [B, N] (True = real token) hides padding."""
+    `context_mask` [B, N] (True = real token) hides padding. With `position`, a projected
+    `position_code` is added to the normalised input before the projections to q, k and v."""
 
     def __init__(
-        self, channels: int, num_head_channels: int, context_dim: int | None = None
+        self,
+        channels: int,
+        num_head_channels: int,
+        context_dim: int | None = None,
+        position: bool = False,
+        self_attention: bool = True,
     ) -> None:
         super().__init__()
+        if not self_attention and not context_dim:
+            raise ValueError("an attention block without self-attention needs context tokens")
+        if channels < num_head_channels:
+            num_head_channels = channels  # one head on maps narrower than a head
         if channels % num_head_channels:
             raise ValueError(
                 f"attention at {channels} channels: not divisible by num_head_channels "
@@ -165,9 +208,13 @@ class AttentionBlock(nn.Module):
             )
         self.heads = channels // num_head_channels
         self.norm = normalization(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.self_attention = self_attention
+        self.qkv = nn.Conv1d(channels, (3 if self_attention else 1) * channels, 1)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self.position_proj = (
+            zero_module(nn.Conv1d(4 * POSITION_FREQUENCIES, channels, 1)) if position else None
+        )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, L] -> [B, heads, L, C // heads]."""
@@ -181,8 +228,17 @@ class AttentionBlock(nn.Module):
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, channels, *spatial = x.shape
-        h = x.reshape(batch, channels, -1)
-        q, k, v = (self._heads(part) for part in self.qkv(self.norm(h)).chunk(3, dim=1))
+        h = self.norm(x.reshape(batch, channels, -1))
+        if self.position_proj is not None:
+            code = position_code(*spatial, device=x.device, dtype=h.dtype)
+            h = h + self.position_proj(code[None])
+        if self.self_attention:
+            q, k, v = (self._heads(part) for part in self.qkv(h).chunk(3, dim=1))
+        else:
+            if context is None or self.context_kv is None:
+                raise ValueError("this attention block reads context tokens only: pass context")
+            q = self._heads(self.qkv(h))
+            k = v = q[:, :, :0]
         mask = None
         if context is not None and self.context_kv is not None:
             context_k, context_v = self.context_kv(context).transpose(1, 2).chunk(2, dim=1)
@@ -285,12 +341,13 @@ class UNet(nn.Module):
                 f"(channel_mult has {levels} levels)"
             )
         sizes = {image_size // 2**level for level in range(levels)}
-        unused = sorted(set(attention_resolutions) - sizes)
-        if unused:
-            raise ValueError(
-                f"attention_resolutions {unused} match no feature-map size of a "
-                f"{image_size}px input (sizes: {sorted(sizes, reverse=True)})"
-            )
+        for key in ("attention_resolutions", "context_resolutions"):
+            unused = sorted(set(getattr(config, key)) - sizes)
+            if unused:
+                raise ValueError(
+                    f"{key} {unused} match no feature-map size of a "
+                    f"{image_size}px input (sizes: {sorted(sizes, reverse=True)})"
+                )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.image_size = image_size
@@ -310,7 +367,19 @@ class UNet(nn.Module):
             return ResBlock(ch, emb_dim, dropout, out, use_scale_shift_norm, **resample)
 
         def attention(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_head_channels, context_dim)
+            return AttentionBlock(ch, num_head_channels, context_dim, config.attention_position)
+
+        context_resolutions = tuple(config.context_resolutions)
+        if context_resolutions and not context_dim:
+            raise ValueError("context_resolutions need context tokens (a context_dim)")
+
+        def attention_layers(ch: int, size: int) -> list[nn.Module]:
+            if size in attention_resolutions:
+                return [attention(ch)]
+            if size in context_resolutions:
+                position = config.attention_position
+                return [AttentionBlock(ch, num_head_channels, context_dim, position, False)]
+            return []
 
         ch = model_channels * channel_mult[0]
         self.coordinate_channels = config.coordinate_channels
@@ -322,8 +391,7 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks):
                 layers: list[nn.Module] = [res(ch, model_channels * mult)]
                 ch = model_channels * mult
-                if size in attention_resolutions:
-                    layers.append(attention(ch))
+                layers += attention_layers(ch, size)
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != levels - 1:
@@ -343,8 +411,7 @@ class UNet(nn.Module):
             for block in range(num_res_blocks + 1):
                 layers = [res(ch + skip_channels.pop(), model_channels * mult)]
                 ch = model_channels * mult
-                if size in attention_resolutions:
-                    layers.append(attention(ch))
+                layers += attention_layers(ch, size)
                 if level and block == num_res_blocks:
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch))
                     size *= 2
