@@ -110,6 +110,14 @@ def test_the_decoder_benchmark_samples_through_the_demo_prior(tmp_path: Path) ->
     assert not any("shapes_bench" in part for part in default)
 
 
+def test_train_overrides_reach_every_training_stage(tmp_path: Path) -> None:
+    demo = _demo(tmp_path, "train_overrides=[seed=1]")
+    for stage in ("clip", "prior_diffusion", "decoder", "upsampler"):
+        command = demo.train(stage).commands[0]
+        assert command[-1] == "seed=1" and f"experiment=demo_{stage}" in command
+    assert all("seed" not in part for part in _demo(tmp_path).train("clip").commands[0])
+
+
 def test_embeddings_of_another_clip_stop_the_demo_naming_the_folder(tmp_path: Path) -> None:
     demo = _demo(tmp_path)
     _embed_meta(demo, "ViT-B-32:openai", {"train": 2, "val": 2, "holdout": 2})

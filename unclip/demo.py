@@ -94,7 +94,11 @@ class Demo:
     def train(self, stage: str) -> Stage:
         # metrics.json is written when a run finishes; until then `ckpt_path=last` resumes it
         command = python(
-            "train.py", f"experiment=demo_{stage}", "ckpt_path=last", *self.path_overrides()
+            "train.py",
+            f"experiment=demo_{stage}",
+            "ckpt_path=last",
+            *self.path_overrides(),
+            *self.cfg.train_overrides,
         )
         if stage == "decoder" and self.cfg.prior != PRIORS[0]:
             # the decoder's binding benchmark samples through the demo's prior
