@@ -62,18 +62,23 @@ def test_ar_prior_samples_as_before(tmp_path, reference):
     torch.testing.assert_close(sampled, reference["prior_ar"])
 
 
+# The decoder attends over captions trimmed to the batch's longest since (padding dropped, the
+# same sum over fewer masked keys): float sums in another order drift by ~2e-5, as NHWC does
+TRIMMED = {"atol": 1e-4, "rtol": 1e-4}
+
+
 def test_decoder_samples_and_inverts_as_before(tmp_path, reference):
     decoder = load("decoder", tmp_path)
     img = reference["img_emb"]
     torch.testing.assert_close(
-        decoder.sample(img, CAPTIONS, generator=seeded()), reference["decoder_ddpm"]
+        decoder.sample(img, CAPTIONS, generator=seeded()), reference["decoder_ddpm"], **TRIMMED
     )
     ddim = decoder.sample(img, CAPTIONS, generator=seeded(), sampler="ddim", eta=0.5)
-    torch.testing.assert_close(ddim, reference["decoder_ddim"])
+    torch.testing.assert_close(ddim, reference["decoder_ddim"], **TRIMMED)
     inverted = decoder.invert(
         reference["decoder_images"], img, CAPTIONS, steps=4, guidance_scale=2.0
     )
-    torch.testing.assert_close(inverted, reference["decoder_inverted"])
+    torch.testing.assert_close(inverted, reference["decoder_inverted"], **TRIMMED)
 
 
 def test_upsampler_samples_as_before(tmp_path, reference):

@@ -137,12 +137,12 @@ def test_training_drops_embeddings_and_captions_at_the_configured_rates(
     torch.manual_seed(0)
     module = tiny_decoder(guidance={"image_drop_prob": 0.2, "caption_drop_prob": 0.5})
     seen = {"samples": 0, "images": 0, "captions": 0}
-    empty = module.net.tokenize([""])[0]
+    real_tokens_of_empty = int((module.net.tokenize([""]) != 0).sum())  # SOT, EOT
 
     def spy(x_t, t, img_emb, tokens, drop_image=None):
         seen["samples"] += len(x_t)
         seen["images"] += int(drop_image.sum())
-        seen["captions"] += int((tokens == empty).all(dim=1).sum())
+        seen["captions"] += int(((tokens != 0).sum(dim=1) == real_tokens_of_empty).sum())
         return torch.zeros(len(x_t), module.net.unet.out_channels, SIZE, SIZE)
 
     monkeypatch.setattr(module.net, "forward", spy)
@@ -176,8 +176,9 @@ def test_a_dropped_embedding_becomes_the_null_embedding() -> None:
         # kept embeddings are rescaled to unit RMS, in the same direction
         rescaled = torch.nn.functional.normalize(img_emb[0], dim=0) * math.sqrt(EMBED_DIM)
         torch.testing.assert_close(cond[0, :EMBED_DIM], rescaled)
-        # caption tokens, then the 4 image tokens (always real)
-        assert context.shape == (3, 8 + 4, 16) and mask[:, -4:].all()
+        # caption tokens (trimmed to the longest caption: SOT, the word, EOT), then the 4 image
+        # tokens (always real)
+        assert context.shape == (3, 3 + 4, 16) and mask[:, -4:].all()
         expected = net.image_tokens(null).view(4, 16)
         torch.testing.assert_close(context[1, -4:], expected)
         assert (kind == "learned") == any(p is net.null_image for p in net.parameters())
@@ -298,6 +299,7 @@ def test_train_cli_runs_the_tiny_decoder_on_shards(
             "model.net.unet.model_channels=8",
             "model.net.unet.channel_mult=[1,2]",
             "model.net.unet.attention_resolutions=[4]",
+            "model.net.unet.context_resolutions=[8]",
             "model.net.unet.num_head_channels=8",
             "model.net.text.width=8",
             "model.net.text.context_length=8",

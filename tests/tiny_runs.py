@@ -61,6 +61,7 @@ DECODER = [
     "model.net.unet.model_channels=8",
     "model.net.unet.channel_mult=[1,2]",
     "model.net.unet.attention_resolutions=[8]",
+    "model.net.unet.context_resolutions=[16]",
     "model.net.unet.num_head_channels=8",
     "model.net.text.width=16",
     "model.net.text.context_length=8",
