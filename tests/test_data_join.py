@@ -101,7 +101,7 @@ def test_the_decoder_trains_on_joined_shards(joined, tmp_path: Path) -> None:
                 "data.shuffle_buffer=0", "data.pin_memory=false", "model.embed_dim=8",
                 "model.image_size=8", "model.net.unet.model_channels=8",
                 "model.net.unet.channel_mult=[1,2]", "model.net.unet.attention_resolutions=[4]",
-                "model.net.unet.context_resolutions=[8]",
+                "++model.net.unet.context_resolutions=[8]",
                 "model.net.unet.num_head_channels=8", "model.net.text.width=8",
                 "model.net.text.context_length=8", "model.net.text.layers=1",
                 "model.sampling.steps=2", "trainer.max_steps=4", "trainer.val_check_interval=4",

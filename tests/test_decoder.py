@@ -299,7 +299,7 @@ def test_train_cli_runs_the_tiny_decoder_on_shards(
             "model.net.unet.model_channels=8",
             "model.net.unet.channel_mult=[1,2]",
             "model.net.unet.attention_resolutions=[4]",
-            "model.net.unet.context_resolutions=[8]",
+            "++model.net.unet.context_resolutions=[8]",
             "model.net.unet.num_head_channels=8",
             "model.net.text.width=8",
             "model.net.text.context_length=8",
