@@ -231,3 +231,52 @@ def test_context_attention_reads_the_tokens_pixel_by_pixel() -> None:
             image_size=8,
             context_dim=8,
         )
+
+
+def _attention_by_definition(
+    block: AttentionBlock, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """GLIDE's attention written out: per head, softmax(q k^T / sqrt(d)) v over the context
+    tokens (padding hidden) followed by the pixels' own keys, then the output projection."""
+    batch, channels, height, width = x.shape
+    h = block.norm(x).reshape(batch, channels, -1)
+    if block.position_proj is not None:
+        from unclip.nn.unet import position_code
+
+        h = h + block.position_proj(position_code(height, width)[None])
+    parts = block.qkv(h).chunk(3 if block.self_attention else 1, dim=1)
+    context_k, context_v = block.context_kv(context).transpose(1, 2).chunk(2, dim=1)
+    q = parts[0]
+    k = torch.cat([context_k, *parts[1:2]], dim=2)
+    v = torch.cat([context_v, *parts[2:3]], dim=2)
+    keep = torch.cat([mask, mask.new_ones(batch, k.shape[2] - mask.shape[1])], dim=1)
+    d = channels // block.heads
+    out = []
+    for head in range(block.heads):
+        rows = slice(head * d, (head + 1) * d)
+        scores = torch.einsum("bcl,bcn->bln", q[:, rows], k[:, rows]) / d**0.5
+        weights = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(dim=-1)
+        out.append(torch.einsum("bln,bcn->bcl", weights, v[:, rows]))
+    return x + block.proj_out(torch.cat(out, dim=1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_block_computes_glides_attention_in_either_memory_format(
+    self_attention: bool, memory_format: torch.memory_format
+) -> None:
+    """The block runs its 1x1 projections as matrix products on the pixels as tokens (a view of
+    a channels_last map): the result is the attention of the definition, padding hidden, and
+    keeps the input's memory format."""
+    torch.manual_seed(0)
+    block = AttentionBlock(32, 16, context_dim=8, position=True, self_attention=self_attention)
+    _randomise_zero_layers(block)
+    x = torch.randn(3, 32, 4, 4).contiguous(memory_format=memory_format)
+    context, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    out = block(x, context, mask)
+    torch.testing.assert_close(out, _attention_by_definition(block, x, context, mask))
+    assert out.is_contiguous(memory_format=memory_format)
+    padded = context.clone()
+    padded[1, 2:] += 10.0  # hidden tokens change nothing
+    torch.testing.assert_close(block(x, padded, mask), out)

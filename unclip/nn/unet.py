@@ -217,9 +217,9 @@ class AttentionBlock(nn.Module):
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, L] -> [B, heads, L, C // heads]."""
-        batch, channels, length = x.shape
-        return x.view(batch, self.heads, channels // self.heads, length).transpose(2, 3)
+        """[B, L, C] -> [B, heads, L, C // heads] (a view)."""
+        batch, length, channels = x.shape
+        return x.view(batch, length, self.heads, channels // self.heads).transpose(1, 2)
 
     def forward(
         self,
@@ -228,28 +228,40 @@ class AttentionBlock(nn.Module):
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, channels, *spatial = x.shape
-        h = self.norm(x.reshape(batch, channels, -1))
+        # the pixels as tokens [B, L, C]; a view of a channels_last map, so the 1x1 projections
+        # run as matrix products on it without the [B, C, L] copies
+        h = self.norm(x).flatten(2).transpose(1, 2)
         if self.position_proj is not None:
-            code = position_code(*spatial, device=x.device, dtype=h.dtype)
-            h = h + self.position_proj(code[None])
+            code = position_code(*spatial, device=x.device, dtype=h.dtype).t()
+            h = h + _pointwise(self.position_proj, code)
+        projected = _pointwise(self.qkv, h)
         if self.self_attention:
-            q, k, v = (self._heads(part) for part in self.qkv(h).chunk(3, dim=1))
+            q, k, v = (self._heads(part) for part in projected.chunk(3, dim=-1))
         else:
             if context is None or self.context_kv is None:
                 raise ValueError("this attention block reads context tokens only: pass context")
-            q = self._heads(self.qkv(h))
-            k = v = q[:, :, :0]
+            q, k, v = self._heads(projected), None, None
         mask = None
         if context is not None and self.context_kv is not None:
-            context_k, context_v = self.context_kv(context).transpose(1, 2).chunk(2, dim=1)
-            k = torch.cat([self._heads(context_k), k], dim=2)
-            v = torch.cat([self._heads(context_v), v], dim=2)
+            context_k, context_v = (self._heads(p) for p in self.context_kv(context).chunk(2, -1))
+            k = context_k if k is None else torch.cat([context_k, k], dim=2)
+            v = context_v if v is None else torch.cat([context_v, v], dim=2)
             if context_mask is not None:
                 own = context_mask.new_ones(batch, k.shape[2] - context.shape[1])
-                mask = torch.cat([context_mask.bool(), own], dim=1)[:, None, None, :]
+                keys = torch.cat([context_mask.bool(), own], dim=1)
+                # an additive mask: CPU's fused attention kernel takes it, a boolean one falls
+                # back to the unfused math path
+                mask = torch.zeros(keys.shape, dtype=q.dtype, device=q.device)
+                mask = mask.masked_fill(~keys, float("-inf"))[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(2, 3).reshape(batch, channels, -1)
-        return x + self.proj_out(out).reshape(batch, channels, *spatial)
+        out = _pointwise(self.proj_out, out.transpose(1, 2).reshape(batch, -1, channels))
+        return x + out.transpose(1, 2).reshape(batch, channels, *spatial)
+
+
+def _pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 `Conv1d` applied to tokens [..., L, C_in] -> [..., L, C_out]: the same weights (and
+    checkpoints) as on [B, C, L], as one matrix product."""
+    return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
 
 
 # where torch's wrappers keep the module they wrap: FSDP units, activation checkpointing
