@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from unclip.training.run import train
+from unclip.training.run import build, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -144,3 +144,21 @@ def test_ddp_trains_with_two_cpu_processes(shapes_dir: Path, tmp_path: Path) -> 
     )
     assert checkpoint["global_step"] == 10
     assert "Starting with 2 processes" in result.stdout + result.stderr
+
+
+def test_logger_none_keeps_the_default_callbacks_and_trains(shapes_dir: Path, tmp_path: Path):
+    """Lightning's LearningRateMonitor raises without a logger; `logger=none` drops only it."""
+    torch.set_num_threads(1)
+    args = [
+        a for a in clip_overrides(shapes_dir, tmp_path, "trainer.max_steps=10") if a != "logger=csv"
+    ]
+    args.append("logger=none")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=args)
+    _, _, trainer = build(cfg)
+    kinds = {type(c).__name__ for c in trainer.callbacks}
+    assert "LearningRateMonitor" not in kinds and "FiniteModelCheckpoint" in kinds
+    assert not trainer.loggers
+    train(cfg)
+    last = torch.load(tmp_path / "clip-test" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 10

@@ -13,6 +13,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -79,6 +80,15 @@ def instantiate_loggers(cfg: DictConfig | None) -> list:
     ]
 
 
+def without_logger_only(callbacks: list[L.Callback]) -> list[L.Callback]:
+    """Drop the callbacks that exist only to write to a logger (Lightning's LearningRateMonitor
+    refuses to start without one), so `logger=none` keeps every other default callback."""
+    kept = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if len(kept) < len(callbacks):
+        log.info("logger=none: the learning-rate monitor is left out (it has nothing to write to)")
+    return kept
+
+
 def instantiate_strategy(cfg: DictConfig) -> Any:
     if "_target_" in cfg:
         return instantiate(cfg, _convert_="all")
@@ -101,6 +111,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     loggers = instantiate_loggers(cfg.get("logger"))
     strategy = instantiate_strategy(cfg.strategy)
     callbacks = [*instantiate_callbacks(cfg.get("callbacks")), RankSeed(cfg.seed)]
+    if not loggers:
+        callbacks = without_logger_only(callbacks)
     evaluation = generation_eval(OmegaConf.to_container(cfg.get("eval") or {}, resolve=True))
     if evaluation is not None:
         callbacks.append(evaluation)
