@@ -150,7 +150,7 @@ def test_logger_none_keeps_the_default_callbacks_and_trains(shapes_dir: Path, tm
     """Lightning's LearningRateMonitor raises without a logger; `logger=none` drops only it."""
     torch.set_num_threads(1)
     args = [
-        a for a in clip_overrides(shapes_dir, tmp_path, "trainer.max_steps=10") if a != "logger=csv"
+        a for a in clip_overrides(shapes_dir, tmp_path, "trainer.max_steps=2") if a != "logger=csv"
     ]
     args.append("logger=none")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -161,4 +161,4 @@ def test_logger_none_keeps_the_default_callbacks_and_trains(shapes_dir: Path, tm
     assert not trainer.loggers
     train(cfg)
     last = torch.load(tmp_path / "clip-test" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 10
+    assert last["global_step"] == 2
