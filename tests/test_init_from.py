@@ -74,7 +74,6 @@ def overrides(shards: Path, runs: Path, ckpt: Path, *extra: str) -> list[str]:
         "trainer.limit_val_batches=1",
         "trainer.num_sanity_val_steps=0",
         "callbacks.progress_bar=null",
-        "callbacks.lr_monitor=null",
         f"paths.runs_dir={runs}",
         "run_name=finetune",
         f"init_from={ckpt}",
