@@ -184,6 +184,32 @@ def test_a_dropped_embedding_becomes_the_null_embedding() -> None:
         assert (kind == "learned") == any(p is net.null_image for p in net.parameters())
 
 
+def test_sampling_with_the_embedding_dropped_reads_the_caption_alone(
+    trained: DecoderModule,
+) -> None:
+    embeddings = torch.nn.functional.normalize(torch.randn(2, EMBED_DIM), dim=-1)
+    noise = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    for scale in (1.0, 2.0):
+        kept, dropped = (
+            torch.cat(
+                [
+                    trained.sample(
+                        z[None],
+                        ["a"],
+                        noise=noise,
+                        steps=5,
+                        guidance_scale=scale,
+                        drop_image_embedding=drop,
+                    )
+                    for z in embeddings
+                ]
+            )
+            for drop in (False, True)
+        )
+        assert not torch.allclose(kept[0], kept[1], atol=1e-3)
+        torch.testing.assert_close(dropped[0], dropped[1])
+
+
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match=r"model\.net\.unet\.image_size: unknown key"):
         tiny_decoder(net={**TINY_NET, "unet": {**TINY_NET["unet"], "image_size": 8}})

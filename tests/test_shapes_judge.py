@@ -13,10 +13,12 @@ from unclip.data import shapes
 from unclip.evaluation import shapes_score
 from unclip.evaluation.shapes_judge import (
     BLOB,
+    flipped_relation,
     judge,
     judge_accuracy,
     pair_captions,
     parse_caption,
+    relation_follows_word,
     single_captions,
 )
 
@@ -113,6 +115,38 @@ def test_swapped_colours_missing_object_and_swapped_places_fail_a_pair() -> None
         moved["objects"][0][key], moved["objects"][1][key] = second[key], first[key]
     judged = _judge(moved, record["caption"])
     assert judged["both_ok"] and not judged["relation_ok"]
+
+
+def test_flipped_relation_keeps_the_objects_and_reverses_the_relation() -> None:
+    caption = "an orange star above a blue circle"
+    assert flipped_relation(caption) == "an orange star below a blue circle"
+    assert flipped_relation(flipped_relation(caption)) == caption
+    with pytest.raises(ValueError, match="a red circle"):
+        flipped_relation("a red circle")
+
+
+def test_relation_follows_word_counts_only_layouts_that_move_with_the_word() -> None:
+    # two different objects (two of the same satisfy a relation and its flip at once)
+    distinct = (_scene(i, pair=True) for i in range(40))
+    records = [r for r in distinct if len({(o["colour"], o["shape"]) for o in r["objects"]}) == 2]
+    records = records[:6]
+    as_captioned = [_judge(r) for r in records]
+    flips = [flipped_relation(r["caption"]) for r in records]
+    # the same layout under the flipped caption: right for one, so never for both
+    same_layout = [_judge(r, f) for r, f in zip(records, flips, strict=True)]
+    ignored = relation_follows_word(as_captioned, same_layout)
+    assert ignored == {"relation": 1.0, "relation_flipped": 0.0, "follows": 0.0}
+    # the layout mirrored for the flipped caption (the objects trade places): it follows
+    mirrored = []
+    for record, flip in zip(records, flips, strict=True):
+        moved = copy.deepcopy(record)
+        first, second = record["objects"]
+        for key in ("x", "y"):
+            moved["objects"][0][key], moved["objects"][1][key] = second[key], first[key]
+        mirrored.append(_judge(moved, flip))
+    assert relation_follows_word(as_captioned, mirrored)["follows"] == 1.0
+    with pytest.raises(ValueError, match="6 records against 5"):
+        relation_follows_word(as_captioned, mirrored[:5])
 
 
 def test_a_shapeless_smudge_is_a_blob() -> None:

@@ -251,6 +251,39 @@ def judge(
     return record
 
 
+# ---- does the layout follow the relation word? --------------------------------------------------
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def flipped_relation(caption: str) -> str:
+    """ "a red circle left of a blue square" -> "a red circle right of a blue square": the same
+    objects in the same order, the opposite relation."""
+    truth = parse_caption(caption)
+    if truth is None or truth.relation is None:
+        raise ValueError(f"{caption!r}: not a two-object caption of the shapes grammar")
+    before, after = caption.split(f" {truth.relation} ", 1)
+    return f"{before} {OPPOSITE[truth.relation]} {after}"
+
+
+def relation_follows_word(
+    as_captioned: Sequence[Mapping[str, Any]], flipped: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """Judge records of the same pairs sampled from the same noise under each caption and under
+    `flipped_relation` of it. One layout can satisfy only one of the two, so `follows` (the
+    relation right under both) counts the images whose layout moved with the word; a decoder
+    that ignores the word scores 0 there however often its layouts happen to be right."""
+    if len(as_captioned) != len(flipped):
+        raise ValueError(f"{len(as_captioned)} records against {len(flipped)} flipped ones")
+    pairs = list(zip(as_captioned, flipped, strict=True))
+    if not pairs:
+        raise ValueError("no records to compare")
+    return {
+        "relation": float(np.mean([a["relation_ok"] for a, _ in pairs])),
+        "relation_flipped": float(np.mean([b["relation_ok"] for _, b in pairs])),
+        "follows": float(np.mean([a["relation_ok"] and b["relation_ok"] for a, b in pairs])),
+    }
+
+
 METRICS = {
     SINGLE: ("colour_ok", "shape_ok", "one_object"),
     PAIR: ("two_objects", "colours_ok", "both_ok", "relation_ok"),

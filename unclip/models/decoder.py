@@ -138,14 +138,20 @@ class DecoderModule(DiffusionStage):
         img_emb: torch.Tensor,
         captions: list[str],
         guidance_scale: float = 1.0,
+        drop_image_embedding: bool = False,
     ) -> Conditioning:
         """The network's conditioning for sampling; with guidance (scale != 1) a doubled batch:
-        the conditional half, then the unconditional half (null embedding, empty caption)."""
+        the conditional half, then the unconditional half (null embedding, empty caption).
+        `drop_image_embedding`: the conditional half gets the null embedding too (the caption
+        alone, as trained under the guidance drops)."""
         img_emb = img_emb.to(self.device)
-        if not is_guided(guidance_scale):
-            return net.condition(img_emb, self._tokens(captions))
         batch = img_emb.shape[0]
-        drop = torch.arange(2 * batch, device=self.device) >= batch
+        if not is_guided(guidance_scale):
+            dropped = torch.ones(batch, dtype=torch.bool, device=self.device)
+            return net.condition(
+                img_emb, self._tokens(captions), dropped if drop_image_embedding else None
+            )
+        drop = torch.arange(2 * batch, device=self.device) >= (0 if drop_image_embedding else batch)
         tokens = self._tokens(list(captions) + [NO_CAPTION] * batch)
         return net.condition(img_emb.repeat(2, 1), tokens, drop)
 
@@ -208,17 +214,19 @@ class DecoderModule(DiffusionStage):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        drop_image_embedding: bool = False,
         **settings: Any,
     ) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] for image embeddings [B, D] and captions ("" = none).
         `settings` (guidance_scale, clip_denoised, sampler, steps, eta, ...) override
-        `model.sampling` for this call; `noise` fixes x_T."""
+        `model.sampling` for this call; `noise` fixes x_T; `drop_image_embedding` samples from
+        the caption alone."""
         s = self.sampling_settings(**settings)
         if len(captions) != img_emb.shape[0]:
             raise ValueError(f"{len(captions)} captions for {img_emb.shape[0]} image embeddings")
         net = self.eval_net
         scale = float(s["guidance_scale"])
-        conditioning = self.conditioning(net, img_emb, captions, scale)
+        conditioning = self.conditioning(net, img_emb, captions, scale, drop_image_embedding)
         shape = (img_emb.shape[0], self.channels, self.image_size, self.image_size)
         images = self.run_sampler(
             self.model_fn(net, conditioning, scale),
